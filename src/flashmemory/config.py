@@ -1,0 +1,102 @@
+"""Configuration of Lookahead Sparse Attention, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+
+class ConfigError(ValueError):
+    """An LSA setting that cannot work."""
+
+
+@dataclass(frozen=True)
+class LSAConfig:
+    """How the KV history is cut, how much of it stays on the device, and how often it changes.
+
+    Units: a *chunk* is the unit a policy scores; a *page* is the unit that is resident or
+    transferred (a whole number of chunks). A *cycle* is `tau` decode steps during which the
+    resident set is frozen.
+
+    Budget: exactly one of
+      - `budget`: the fraction of the history's chunks that may be on the device at any step
+        (sink, tail and the tokens decoded in the current cycle included), or
+      - `max_pages`: KMAX, a fixed cap on device pages (the open pages of the current cycle included).
+    """
+
+    chunk_size: int = 32
+    page_size: int = 32
+    tau: int = 64
+    sink_tokens: int = 32
+    tail_tokens: int = 128
+    budget: float | None = 0.15
+    max_pages: int | None = None
+    threshold: float = 0.5
+    prefill_chunk: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "page_size", "tau", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("sink_tokens", "tail_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.page_size % self.chunk_size:
+            raise ConfigError(
+                f"page_size ({self.page_size}) must be a multiple of chunk_size ({self.chunk_size}): "
+                "a page is the transfer unit made of whole chunks")
+        if (self.budget is None) == (self.max_pages is None):
+            raise ConfigError("give exactly one of budget (a fraction) or max_pages (KMAX)")
+        if self.budget is not None and not (0.0 < float(self.budget) <= 1.0):
+            raise ConfigError(f"budget must be a fraction in (0, 1], got {self.budget!r}")
+        if self.max_pages is not None and (not isinstance(self.max_pages, int) or self.max_pages <= 0):
+            raise ConfigError(f"max_pages must be a positive integer, got {self.max_pages!r}")
+        if not (0.0 < self.threshold < 1.0):
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold!r}")
+        if self.max_pages is not None and self.max_pages < self.min_pages:
+            raise ConfigError(
+                f"max_pages={self.max_pages} is smaller than sink + tail + the current cycle "
+                f"({self.sink_pages} + {self.tail_pages} + {self.open_pages} = {self.min_pages} pages)")
+
+    # -- derived sizes (in pages) -------------------------------------------------------------
+    @property
+    def chunks_per_page(self) -> int:
+        return self.page_size // self.chunk_size
+
+    @property
+    def sink_pages(self) -> int:
+        return math.ceil(self.sink_tokens / self.page_size)
+
+    @property
+    def tail_pages(self) -> int:
+        return math.ceil(self.tail_tokens / self.page_size)
+
+    @property
+    def open_pages(self) -> int:
+        """Pages spanned by the unfinished page plus the tokens decoded during one cycle."""
+        return math.ceil((self.page_size - 1 + self.tau) / self.page_size)
+
+    @property
+    def min_pages(self) -> int:
+        return self.sink_pages + self.tail_pages + self.open_pages
+
+    def budget_tokens(self, history: int) -> int:
+        """Tokens allowed on the device during a cycle that starts with `history` tokens.
+
+        A fraction is taken of the history at the cycle's end (history + tau): the device
+        holds the open region's new tokens too, so measured against the history at any step
+        of the cycle the resident share never exceeds `budget`, and budget=1.0 keeps all.
+        """
+        if self.max_pages is not None:
+            return self.max_pages * self.page_size
+        return math.floor(float(self.budget) * (history + self.tau) + 1e-9)
+
+    def with_(self, **changes) -> "LSAConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

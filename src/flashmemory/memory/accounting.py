@@ -1,0 +1,47 @@
+"""Measured memory and transfer accounting for one generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TransferLog:
+    """Every copy between the tiers, with the decode step it happened at."""
+
+    recalls: int = 0          # host -> device page copies
+    recall_bytes: int = 0
+    offloads: int = 0         # device -> host copies of newly decoded tokens
+    offload_bytes: int = 0
+    steps: list[int] = field(default_factory=list)  # decode step index of each transfer
+
+    def recall(self, nbytes: int, step: int) -> None:
+        self.recalls += 1
+        self.recall_bytes += nbytes
+        self.steps.append(step)
+
+    def offload(self, nbytes: int, step: int) -> None:
+        self.offloads += 1
+        self.offload_bytes += nbytes
+        self.steps.append(step)
+
+    def to_dict(self) -> dict:
+        return {"recalls": self.recalls, "recall_bytes": self.recall_bytes,
+                "offloads": self.offloads, "offload_bytes": self.offload_bytes,
+                "count": self.recalls + self.offloads, "bytes": self.recall_bytes + self.offload_bytes}
+
+
+@dataclass
+class MemoryMeter:
+    """Peaks of the bytes that live on each tier, sampled at every step."""
+
+    device_kv_bytes_peak: int = 0      # bytes of resident KV in the device reserve
+    device_reserved_bytes: int = 0     # bytes allocated for the reserve
+    host_kv_bytes_peak: int = 0        # bytes of history held in the host mirror
+    host_reserved_bytes: int = 0
+    full_kv_bytes_peak: int = 0        # what a full cache of the same history would hold
+
+    def sample(self, device_kv: int, host_kv: int, full_kv: int) -> None:
+        self.device_kv_bytes_peak = max(self.device_kv_bytes_peak, device_kv)
+        self.host_kv_bytes_peak = max(self.host_kv_bytes_peak, host_kv)
+        self.full_kv_bytes_peak = max(self.full_kv_bytes_peak, full_kv)

@@ -1,0 +1,118 @@
+"""The selection-policy interface and the glue that turns chunk scores into resident pages.
+
+A policy is one small class: `score(ctx)` returns one number per selectable chunk (higher
+means "keep"). Everything common to all policies (sink and tail pages, the budget, the
+page cap, threshold versus top-k) lives in `choose_pages`, so policies compare fairly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Literal
+
+import torch
+
+from ..config import LSAConfig
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold the pages every policy must keep."""
+
+
+@dataclass
+class SelectionContext:
+    """What a policy may look at when a cycle starts."""
+
+    config: LSAConfig
+    length: int                     # history tokens (true positions) at the boundary
+    n_pages: int                    # complete pages, the selectable history
+    cycle: int
+    host_keys: torch.Tensor         # [layers, kv_heads, >=length, head_dim] post-RoPE keys (host mirror)
+    recorder: object | None = None  # runtime.capture.ActivationRecorder of the last decoded token
+    lookahead: Callable[[], torch.Tensor] | None = None  # -> [steps, layers, n_chunks] future attention mass
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_pages * self.config.chunks_per_page
+
+
+class SelectionPolicy:
+    """Base class. Subclasses set `name` and implement `score`."""
+
+    name: ClassVar[str] = "base"
+    #: "topk" fills the budget by score; "threshold" keeps only chunks scoring above
+    #: config.threshold (page score = how many of its chunks pass); "all" keeps everything.
+    mode: ClassVar[Literal["topk", "threshold", "all"]] = "topk"
+    keep_sink: ClassVar[bool] = True
+    needs_queries: ClassVar[bool] = False   # wants runtime.capture hooks
+    needs_lookahead: ClassVar[bool] = False  # decodes ahead (only LSAEngine can provide it)
+
+    def bind(self, model) -> None:
+        """Called with the backbone (a transformers model) before its first generation.
+
+        Learned policies load or check what belongs to this backbone here
+        (`flashmemory.models.loader.fingerprint(model.config)` names it)."""
+
+    def reset(self) -> None:
+        """Forget per-generation state (called before each generation)."""
+
+    def score(self, ctx: SelectionContext) -> torch.Tensor:
+        """One score per selectable chunk, shape [ctx.n_chunks]."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    """The resident set chosen for one cycle."""
+
+    pages: list[int]
+    forced: int        # sink + tail pages among them
+    allowed: int       # how many resident pages the budget allows this cycle
+
+
+def allowed_pages(config: LSAConfig, length: int, capacity_pages: int) -> int:
+    """Resident (complete) pages the budget allows for a cycle starting at `length` tokens."""
+    open_tokens = length % config.page_size + config.tau
+    by_budget = (config.budget_tokens(length) - open_tokens) // config.page_size
+    return max(0, min(by_budget, capacity_pages - config.open_pages))
+
+
+def choose_pages(policy: SelectionPolicy, ctx: SelectionContext, capacity_pages: int) -> PagePlan:
+    """Sink + tail + the best-scoring pages, within the budget."""
+    cfg, n = ctx.config, ctx.n_pages
+    if policy.mode == "all":
+        return PagePlan(list(range(n)), 0, n)
+    allowed = allowed_pages(cfg, ctx.length, capacity_pages)
+    if n <= allowed:
+        return PagePlan(list(range(n)), n, allowed)
+    sink = set(range(min(cfg.sink_pages, n))) if policy.keep_sink else set()
+    tail = set(range(max(0, n - cfg.tail_pages), n))
+    forced = sink | tail
+    if len(forced) > allowed:
+        need = (len(forced) * cfg.page_size + ctx.length % cfg.page_size + cfg.tau)
+        have = cfg.budget_tokens(ctx.length)
+        raise BudgetError(
+            f"budget of {have} tokens at a {ctx.length}-token history is smaller than sink + tail + "
+            f"one cycle ({need} tokens); raise the budget or lower sink_tokens/tail_tokens")
+    scores = policy.score(ctx).float().flatten()
+    if scores.numel() != ctx.n_chunks:
+        raise RuntimeError(f"{policy.name} scored {scores.numel()} chunks, expected {ctx.n_chunks}")
+    per_page = scores.reshape(n, cfg.chunks_per_page)
+    if policy.mode == "threshold":
+        votes = (per_page > cfg.threshold).sum(-1).float()
+        # density first (the paper's page score), best chunk second
+        page_score = votes + per_page.max(-1).values.clamp(0, 1) * 1e-3
+        eligible = votes > 0
+    else:
+        page_score, eligible = per_page.max(-1).values, torch.ones(n, dtype=torch.bool)
+    if forced:
+        eligible[list(forced)] = False
+    candidates = torch.nonzero(eligible).flatten()
+    # ties go to newer pages: sort by (score, page index) descending
+    order = sorted(candidates.tolist(), key=lambda p: (page_score[p].item(), p), reverse=True)
+    chosen = order[: allowed - len(forced)]
+    return PagePlan(sorted(forced | set(chosen)), len(forced), allowed)
