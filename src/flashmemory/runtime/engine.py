@@ -120,8 +120,10 @@ class LSAEngine:
         """Dense prefill in pieces of `config.prefill_chunk` tokens (bounded activation memory)."""
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         self._check_length(ids.numel(), max_new_tokens)
-        cache = LSACache(self.model, self.config, policy="full", max_length=ids.numel() + max_new_tokens,
-                         recorder=self.recorder)
+        # room for the oracle's lookahead past the last token, within the model's context
+        room = ids.numel() + max_new_tokens + self.config.tau
+        cache = LSACache(self.model, self.config, policy="full", recorder=self.recorder,
+                         max_length=min(room, self.backbone.max_context or room))
         start = time.perf_counter()
         logits = None
         for lo in range(0, ids.numel(), self.config.prefill_chunk):
@@ -189,7 +191,7 @@ class LSAEngine:
         masses = []
         token = first_token
         with cache.dense_scope():
-            for _ in range(cfg.tau):
+            for _ in range(min(cfg.tau, cache.max_length - cache.length)):
                 inp = torch.tensor([[token]], device=self.device)
                 logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits[0, -1]
                 token = int(logits.argmax())
