@@ -264,6 +264,8 @@ class LSACache(Cache):
         cfg = self.config
         if self.length == 0:
             raise RuntimeError("nothing to decode from: run a prefill first")
+        if self._stream is not None:  # dense writes to the pinned mirror are asynchronous; policies read it
+            torch.cuda.current_stream(self.device).synchronize()
         if self.sparse:
             self._flush_open_region()
         else:

@@ -48,6 +48,7 @@ class GenerationReport:
     prefill_seconds: float
     decode_seconds: float
     decode_ms_per_token: float
+    decode_ms: list[float]             # wall time of every decode step (a cycle start included where one fell)
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -152,20 +153,21 @@ class LSAEngine:
         eos = self._eos_ids() if stop_at_eos else set()
 
         tokens: list[int] = []
+        step_ms: list[float] = []
         pending = int(prefill.logits.argmax())
-        start = time.perf_counter()
         for step in range(n_new):
             tokens.append(pending)
             if pending in eos or step == n_new - 1:
                 break
+            t0 = time.perf_counter()
             if not cache.sparse or cache._cycle_step >= cache.config.tau:
                 cache.start_cycle(lookahead)
             inp = torch.tensor([[pending]], device=self.device)
             logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits[0, -1]
-            pending = int(logits.argmax())
-        decode_s = time.perf_counter() - start
+            pending = int(logits.argmax())  # .item() synchronises, so the step time is real
+            step_ms.append(1000.0 * (time.perf_counter() - t0))
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(text, tokens, self._report(cache, policy, prefill, len(tokens), decode_s))
+        return GenerationResult(text, tokens, self._report(cache, policy, prefill, len(tokens), step_ms))
 
     def generate(self, prompt: str | Sequence[int], policy: str | SelectionPolicy = "full",
                  max_new_tokens: int = 64, chat: bool = False, config: LSAConfig | None = None) -> GenerationResult:
@@ -207,11 +209,11 @@ class LSAEngine:
 
     # ------------------------------------------------------------------ report
     def _report(self, cache: LSACache, policy: SelectionPolicy, prefill: Prefill, n_tokens: int,
-                decode_s: float) -> GenerationReport:
+                step_ms: list[float]) -> GenerationReport:
         cycles = cache.stats.cycles
         fractions = [c.resident_fraction for c in cycles]
         mem = cache.stats.memory
-        steps = max(1, n_tokens - 1)  # the first token comes from the prefill's logits
+        decode_s = sum(step_ms) / 1000.0  # the first token comes from the prefill's logits
         return GenerationReport(
             policy=policy.name, prompt_tokens=len(prefill.prompt_ids), new_tokens=n_tokens, cycles=len(cycles),
             resident_fraction_per_cycle=fractions,
@@ -223,7 +225,8 @@ class LSAEngine:
             full_kv_bytes=cache.full_kv_bytes, prefill_device_kv_bytes_peak=prefill.dense_device_peak,
             transfers=cache.stats.transfers.to_dict(), transfer_steps=list(cache.stats.transfers.steps),
             prefill_seconds=prefill.seconds, decode_seconds=decode_s,
-            decode_ms_per_token=1000.0 * decode_s / steps, config=cache.config.to_dict())
+            decode_ms_per_token=sum(step_ms) / max(1, len(step_ms)), decode_ms=step_ms,
+            config=cache.config.to_dict())
 
 
 __all__ = ["LSAEngine", "GenerationResult", "GenerationReport", "Prefill", "PromptError", "ContextLengthError"]
