@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .errors import USER_ERRORS, fail
 
-DEFAULT_POLICY = "lsa"
+# `lsa` becomes the default once an indexer for the default backbone ships (issue 3).
+DEFAULT_POLICY = "quest"
 
 
 def register(sub) -> None:
@@ -22,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None,
                    help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help="selection policy: lsa (learned indexer), full, recency, random, streaming, quest, oracle")
+                   help="selection policy: quest, lsa (learned indexer; needs --indexer until one ships), full, recency, random, streaming, oracle")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=float, default=None,
                         help="resident share of the history's chunks, sink and tail included (e.g. 0.15); default 0.15")

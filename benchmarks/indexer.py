@@ -1,0 +1,139 @@
+"""The shipped indexer against its targets: held-out recall, training time, decode overhead.
+
+    python benchmarks/indexer.py                        # all three parts (~30-40 min on 2 cores)
+    python benchmarks/indexer.py --parts recall         # held-out recall only
+    python benchmarks/indexer.py --parts train --train-dump runs/default-indexer/dump
+
+Parts:
+  recall    dump held-out documents (built-in generator, another seed, 6K-8K tokens, with the
+            quest baseline; cached under --heldout) and score the shipped indexer: recall of
+            golden chunks for the selection LSA makes (threshold 0.5, capped at a 10% resident
+            budget after sink + tail), the resident fraction that produces, recall@K and F1,
+            and quest's recall at the same budget.
+  train     retrain the default indexer from the default dump with the shipped recipe and
+            time it (target: at most 10 minutes on the 2-core CPU); the dump time recorded
+            in the shipped checkpoint is reported too.
+  overhead  one 8K prefill, then `lsa` decoding through the runtime: the time spent in the
+            policy's scoring (every tau steps) as a share of decode time (target: <= 5%).
+Results go to benchmarks/results/indexer.json (and are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "indexer.json"
+
+
+def part_recall(args) -> dict:
+    from flashmemory.indexer.checkpoint import DEFAULT_DIR, load_indexer
+    from flashmemory.models.loader import load_backbone
+    from flashmemory.traces.corpus import synthetic_corpus
+    from flashmemory.traces.dataset import TraceSet
+    from flashmemory.traces.dump import DumpConfig, run_dump
+    from flashmemory.traces.recipe import DEFAULT_DUMP
+    from flashmemory.traces.train import evaluate
+
+    indexer = load_indexer(args.indexer or DEFAULT_DIR)
+    meta_layers = indexer.layers
+    spec = {"generator": "synthetic", "n_docs": args.heldout_docs, "seed": 4242, "min_tokens": 6144,
+            "max_tokens": 7936}
+    cfg = DumpConfig(**{**DEFAULT_DUMP.__dict__, "quest_baseline": True, "candidate_layers": meta_layers})
+    start = time.perf_counter()
+    backbone = load_backbone(None)
+    corpus = synthetic_corpus(spec["n_docs"], spec["seed"], spec["min_tokens"], spec["max_tokens"])
+    summary = run_dump(backbone, corpus, args.heldout, cfg, corpus_spec=spec, progress=True)
+    dump_s = time.perf_counter() - start
+    traces = TraceSet(args.heldout, layers=meta_layers)
+    docs = list(range(len(traces.docs)))
+    m = indexer.cfg.extra.get("min_layers", cfg.min_layers)
+    lsa = evaluate(indexer, traces, docs, m, budget=args.budget)
+    quest = evaluate(None, traces, docs, m, budget=args.budget, scorer="quest")
+    return {"heldout_docs": len(docs), "anchors": lsa.anchors, "dump_seconds_this_run": round(dump_s, 1),
+            "dump_new_documents": summary.documents, "budget": args.budget, "min_layers": m,
+            "positive_rate": lsa.positive_rate,
+            "lsa": {"recall_capped": lsa.recall_capped, "resident_fraction": lsa.resident_fraction,
+                    "recall_at_budget": lsa.recall_at_budget, "recall_at_threshold": lsa.recall, "f1": lsa.f1,
+                    "precision": lsa.precision, "selected_fraction": lsa.selected_fraction,
+                    "recall_at_k": {str(k): v for k, v in lsa.recall_at_k.items()}},
+            "quest": {"recall_at_budget": quest.recall_at_budget,
+                      "recall_at_k": {str(k): v for k, v in quest.recall_at_k.items()}},
+            "targets": {"recall>=0.90": (lsa.recall_capped or 0) >= 0.90,
+                        "resident<=0.10": (lsa.resident_fraction or 1) <= 0.10}}
+
+
+def part_train(args) -> dict:
+    from flashmemory.indexer.checkpoint import DEFAULT_DIR, read_meta
+    from flashmemory.traces.recipe import DEFAULT_TRAIN
+    from flashmemory.traces.train import train_indexer
+
+    shipped = read_meta(DEFAULT_DIR)["config"]["extra"]
+    out = {"shipped_dump_seconds": shipped.get("dump_seconds"),
+           "shipped_train_seconds": (shipped.get("metrics") or {}).get("seconds")}
+    if args.train_dump and Path(args.train_dump).is_dir():
+        start = time.perf_counter()
+        result = train_indexer(args.train_dump, DEFAULT_TRAIN)
+        out.update({"retrain_seconds": round(time.perf_counter() - start, 1), "epochs_run": result.epochs_run,
+                    "val_recall_at_budget": result.val.recall_at_budget if result.val else None,
+                    "target_train<=600s": time.perf_counter() - start <= 600})
+    return out
+
+
+def part_overhead(args) -> dict:
+    from flashmemory import LSAConfig, LSAEngine, load_backbone
+    from flashmemory.policies import make_policy
+
+    backbone = load_backbone(None)
+    engine = LSAEngine(backbone, LSAConfig(budget=0.15))
+    words = (Path(__file__).parent.parent / "README.md").read_text().split() * 200
+    ids = engine.encode(" ".join(words))[: args.context]
+    pre = engine.prefill(ids, max_new_tokens=args.steps)
+    policy = make_policy("lsa")
+    score, spent = policy.score, []
+
+    def timed(ctx):  # wrap the bound method: the cost of one cycle's selection by the indexer
+        t = time.perf_counter()
+        out = score(ctx)
+        spent.append(time.perf_counter() - t)
+        return out
+
+    policy.score = timed
+    res = engine.decode(pre, policy, max_new_tokens=args.steps, stop_at_eos=False)
+    decode_s = res.report.decode_ms_per_token * res.report.new_tokens / 1000
+    base = engine.decode(pre, "recency", max_new_tokens=args.steps, stop_at_eos=False)
+    return {"context": len(ids), "steps": res.report.new_tokens, "cycles": len(spent),
+            "score_seconds_per_cycle": sum(spent) / max(1, len(spent)),
+            "decode_ms_per_token_lsa": res.report.decode_ms_per_token,
+            "decode_ms_per_token_recency": base.report.decode_ms_per_token,
+            "overhead_share": sum(spent) / decode_s, "target<=0.05": sum(spent) / decode_s <= 0.05,
+            "prefill_seconds": pre.seconds if hasattr(pre, "seconds") else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="recall,train,overhead")
+    p.add_argument("--indexer", default=None, help="checkpoint folder (default: the shipped one)")
+    p.add_argument("--heldout", default="runs/indexer-heldout", help="held-out dump folder (created/resumed)")
+    p.add_argument("--heldout-docs", type=int, default=12)
+    p.add_argument("--budget", type=float, default=0.10)
+    p.add_argument("--train-dump", default="runs/default-indexer/dump")
+    p.add_argument("--context", type=int, default=8192 - 192)
+    p.add_argument("--steps", type=int, default=128)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for part in args.parts.split(","):
+        fn = {"recall": part_recall, "train": part_train, "overhead": part_overhead}[part.strip()]
+        results[part.strip()] = fn(args)
+        print(json.dumps({part: results[part.strip()]}, indent=2), flush=True)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""`flashmemory train`: train an indexer on a dump (stage 2; the backbone is never loaded).
+
+Multi-process: `torchrun --nproc_per_node 2 -m flashmemory.cli.main train --dump D --out O` (DDP, gloo on CPU).
+The shipped default: `flashmemory train --build-default` (dump + train with the recorded recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .errors import USER_ERRORS, fail
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a Neural Memory Indexer on a dump (stage 2, backbone-free)",
+        description="Train the indexer on the tensors of one or more dumps; the backbone is never loaded. Writes "
+                    "OUT/indexer.safetensors and OUT/indexer.json, bound to the dump's backbone fingerprint. Under "
+                    "torchrun the processes train one model with DDP. --build-default reproduces the shipped indexer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dump", nargs="+", default=None, help="dump folder(s) from `flashmemory dump`")
+    p.add_argument("--out", default=None, help="checkpoint folder to write")
+    p.add_argument("--layers", default=None, help="target layers, e.g. 10,15,20 (default: the dump's recommendation)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="indexer heads per layer (default: the backbone's query heads with --init backbone, else 8)")
+    p.add_argument("--init", choices=["backbone", "random"], default="backbone",
+                   help="start the query side from the backbone's q_proj stored in the dump, or at random")
+    p.add_argument("--q-rank", type=int, default=64, help="low-rank size of the query projection")
+    p.add_argument("--ensemble", choices=["max", "mean"], default="max", help="cross-layer ensemble")
+    p.add_argument("--min-layers", type=int, default=None, help="golden when at least this many layers vote (default: dump's)")
+    p.add_argument("--neg-ratio", type=float, default=3.0, help="sampled negatives per positive (<= 0: all negatives)")
+    p.add_argument("--vote-weighting", action="store_true", help="weight positives by their number of votes")
+    p.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without validation improvement")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="documents held out for validation")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; keep the best model when exceeded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16: half the size)")
+    p.add_argument("--build-default", action="store_true",
+                   help="dump the built-in corpus with the shipped recipe (resumable) and train the default indexer")
+    p.add_argument("--work", default="runs/default-indexer", help="--build-default: where the dump goes")
+    p.add_argument("--json", action="store_true", help="print the training summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch log")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..indexer.checkpoint import DEFAULT_DIR, CheckpointError, save_indexer
+    from ..traces.dataset import TraceError
+    from ..traces.dump import DumpError, parse_layers
+    from ..traces.train import TrainConfig, TrainError, init_distributed, train_indexer
+
+    try:
+        distributed = init_distributed()
+        rank = torch.distributed.get_rank() if distributed else 0
+        dump_seconds = None
+        if args.build_default:
+            from ..traces.recipe import DEFAULT_TRAIN
+            dumps = [str(Path(args.work) / "dump")]
+            out = args.out or str(DEFAULT_DIR)
+            dump_seconds = _build_default_dump(dumps[0], quiet=args.quiet) if rank == 0 else None
+            if distributed:
+                torch.distributed.barrier()
+            cfg = DEFAULT_TRAIN
+        else:
+            if not args.dump or not args.out:
+                raise TrainError("give --dump DIR and --out DIR (or --build-default)")
+            dumps, out = args.dump, args.out
+            cfg = TrainConfig(layers=parse_layers(args.layers), n_heads=args.heads, q_rank=args.q_rank, init=args.init,
+                              ensemble=args.ensemble, min_layers=args.min_layers, neg_ratio=args.neg_ratio,
+                              vote_weighting=args.vote_weighting, gamma=args.gamma, lr=args.lr,
+                              batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
+                              val_fraction=args.val_fraction, time_limit=args.time_limit, seed=args.seed)
+        result = train_indexer(dumps, cfg, progress=not args.quiet and rank == 0)
+        if rank == 0:
+            dtype = torch.float32 if args.fp32 else torch.float16
+            extra = {"dump_seconds": dump_seconds} if dump_seconds is not None else None
+            folder = save_indexer(result.indexer, out, dtype=dtype, extra=extra)
+    except (TrainError, TraceError, DumpError, CheckpointError, *USER_ERRORS) as exc:
+        return fail(str(exc))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
+    summary = result.summary()
+    summary["checkpoint"] = str(folder)
+    summary["weights_bytes"] = (Path(folder) / "indexer.safetensors").stat().st_size
+    if dump_seconds is not None:
+        summary["dump_seconds"] = round(dump_seconds, 1)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        v, q = summary["val"] or {}, summary["val_quest"] or {}
+        print(f"trained {summary['parameters']:,} parameters on layers {summary['layers']} in {summary['seconds']:.1f} s "
+              f"({summary['epochs_run']} epochs, {summary['world_size']} process(es)); train loss "
+              f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}")
+        if v:
+            print(f"validation: recall@budget {v['recall_at_budget']:.3f} (quest {q.get('recall_at_budget', 0):.3f}), "
+                  f"F1@0.5 {v['f1']:.3f}, resident fraction {v['resident_fraction']:.3f}, "
+                  f"positive rate {v['positive_rate']:.3f}")
+        print(f"wrote {folder} ({summary['weights_bytes'] / 1024:.0f} KiB of weights)")
+    return 0
+
+
+def _build_default_dump(folder: str, quiet: bool = False) -> float:
+    """Dump (or finish dumping) the default corpus with the recorded recipe; returns seconds spent."""
+    from ..models.loader import load_backbone
+    from ..traces.dump import run_dump
+    from ..traces.recipe import DEFAULT_CORPUS, DEFAULT_DUMP, default_corpus
+
+    start = time.perf_counter()
+    backbone = load_backbone(None)
+    summary = run_dump(backbone, default_corpus(), folder, DEFAULT_DUMP, corpus_spec=DEFAULT_CORPUS,
+                       progress=not quiet)
+    if not quiet:
+        print(f"dump: {summary.documents} new documents ({summary.skipped} resumed) in {summary.seconds:.1f} s, "
+              f"{summary.disk_bytes / 2**20:.1f} MiB on disk")
+    return time.perf_counter() - start

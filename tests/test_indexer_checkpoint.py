@@ -1,0 +1,103 @@
+"""Indexer checkpoints: round trip, backbone binding, corruption, the DeepSeek-V4 layout, the shipped default."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from flashmemory.indexer import (CheckpointError, IndexerConfig, NeuralIndexer, load_deepseek_retrievers,
+                                 load_indexer, read_meta, save_indexer)
+from flashmemory.indexer.checkpoint import DEFAULT_DIR, default_checkpoint
+
+
+def make_indexer(fingerprint: str = "llama-2L-abc") -> NeuralIndexer:
+    torch.manual_seed(0)
+    inv = (1.0 / (1e4 ** (torch.arange(0, 8, 2).float() / 8))).tolist()
+    return NeuralIndexer(IndexerConfig(d_model=24, key_dim=16, rope_dim=8, layers=[0, 1], n_heads=2, q_rank=8,
+                                       inv_freq=inv, fingerprint=fingerprint, key_block=32))
+
+
+def test_round_trip_gives_the_same_scores(tmp_path):
+    ix = make_indexer()
+    save_indexer(ix, tmp_path / "ck", extra={"note": "unit test"})
+    back = load_indexer(tmp_path / "ck", fingerprint="llama-2L-abc")
+    h, k, pos = torch.randn(3, 2, 24), torch.randn(2, 6, 16), torch.tensor([70, 80, 90])
+    torch.testing.assert_close(back(h, k, pos), ix(h, k, pos))
+    meta = read_meta(tmp_path / "ck")
+    assert meta["parameters"] == ix.parameter_count()
+    assert meta["config"]["extra"]["note"] == "unit test"
+    assert meta["weights_bytes"] == (tmp_path / "ck" / "indexer.safetensors").stat().st_size
+
+
+def test_another_backbone_gets_a_clear_error(tmp_path):
+    save_indexer(make_indexer("llama-2L-abc"), tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="trained for backbone llama-2L-abc.*qwen2-28L-xyz"):
+        load_indexer(tmp_path / "ck", fingerprint="qwen2-28L-xyz")
+
+
+def test_corrupt_checkpoints_get_clear_errors(tmp_path):
+    folder = save_indexer(make_indexer(), tmp_path / "ck")
+    weights = folder / "indexer.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_indexer(folder)
+    # a damaged file whose checksum entry was removed still fails cleanly
+    meta = json.loads((folder / "indexer.json").read_text())
+    meta.pop("sha256")
+    (folder / "indexer.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_indexer(folder)
+    (folder / "indexer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_indexer(folder)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_indexer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not an indexer checkpoint"):
+        load_indexer(tmp_path / "empty")
+
+
+def deepseek_state(layers=(10, 12, 20), d=32, rank=16, heads=4, dim=8) -> dict:
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for L in layers:
+        state[f"retrievers.l{L}.wq_a.weight"] = torch.randn(rank, d, generator=g)
+        state[f"retrievers.l{L}.wq_b.weight"] = torch.randn(heads * dim, rank, generator=g)
+        state[f"retrievers.l{L}.q_norm_weight"] = torch.rand(rank, generator=g)
+        state[f"retrievers.l{L}.weights_proj.weight"] = torch.randn(heads, d, generator=g)
+    return state
+
+
+def test_deepseek_layout_loads_with_weights_only(tmp_path):
+    state = deepseek_state()
+    torch.save(state, tmp_path / "indexer.pt")
+    ix = load_deepseek_retrievers(tmp_path / "indexer.pt")
+    assert ix.layers == [10, 12, 20]
+    assert (ix.cfg.d_model, ix.cfg.q_rank, ix.cfg.n_heads, ix.cfg.key_dim) == (32, 16, 4, 8)
+    torch.testing.assert_close(ix.retrievers["l12"].wq_b.weight, state["retrievers.l12.wq_b.weight"])
+    torch.testing.assert_close(ix.retrievers["l20"].q_norm_weight, state["retrievers.l20.q_norm_weight"])
+    assert ix(torch.randn(1, 3, 32), torch.randn(3, 5, 8), torch.tensor([9])).shape == (1, 5)
+
+
+class _Evil:
+    def __reduce__(self):  # would run code if unpickled without weights_only
+        return (print, ("pwned",))
+
+
+def test_deepseek_loader_refuses_pickled_code_and_partial_layers(tmp_path):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"retrievers.l1.wq_a.weight": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_deepseek_retrievers(tmp_path / "evil.pt")
+    state = deepseek_state(layers=(3,))
+    del state["retrievers.l3.weights_proj.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="lacks retrievers.l3.weights_proj.weight"):
+        load_deepseek_retrievers(tmp_path / "partial.pt")
+    torch.save({"model.embed.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no retrievers"):
+        load_deepseek_retrievers(tmp_path / "other.pt")
