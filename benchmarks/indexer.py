@@ -9,7 +9,9 @@ Parts:
             quest baseline; cached under --heldout) and score the shipped indexer: recall of
             golden chunks for the selection LSA makes (threshold 0.5, capped at a 10% resident
             budget after sink + tail), the resident fraction that produces, recall@K and F1,
-            and quest's recall at the same budget.
+            and quest's recall at the same budget. Recall is given twice: over the chunks the
+            indexer chooses among (sink and tail excluded) and over all golden chunks of the
+            history (the share of them the resident set holds).
   train     retrain the default indexer from the default dump with the shipped recipe and
             time it (target: at most 10 minutes on the 2-core CPU); the dump time recorded
             in the shipped checkpoint is reported too.
@@ -58,12 +60,14 @@ def part_recall(args) -> dict:
             "dump_new_documents": summary.documents, "budget": args.budget, "min_layers": m,
             "positive_rate": lsa.positive_rate,
             "lsa": {"recall_capped": lsa.recall_capped, "resident_fraction": lsa.resident_fraction,
+                    "recall_resident_at_budget": lsa.recall_resident,
                     "recall_at_budget": lsa.recall_at_budget, "recall_at_threshold": lsa.recall, "f1": lsa.f1,
                     "precision": lsa.precision, "selected_fraction": lsa.selected_fraction,
                     "recall_at_k": {str(k): v for k, v in lsa.recall_at_k.items()}},
-            "quest": {"recall_at_budget": quest.recall_at_budget,
+            "quest": {"recall_at_budget": quest.recall_at_budget, "recall_resident_at_budget": quest.recall_resident,
                       "recall_at_k": {str(k): v for k, v in quest.recall_at_k.items()}},
-            "targets": {"recall>=0.90": (lsa.recall_capped or 0) >= 0.90,
+            "targets": {"recall>=0.90 (selectable chunks)": (lsa.recall_capped or 0) >= 0.90,
+                        "recall>=0.90 (all golden chunks)": lsa.recall_resident >= 0.90,
                         "resident<=0.10": (lsa.resident_fraction or 1) <= 0.10}}
 
 

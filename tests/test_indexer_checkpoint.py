@@ -101,3 +101,19 @@ def test_deepseek_loader_refuses_pickled_code_and_partial_layers(tmp_path):
     torch.save({"model.embed.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="no retrievers"):
         load_deepseek_retrievers(tmp_path / "other.pt")
+
+
+def test_shipped_default_is_small_and_bound_to_the_default_backbone():
+    from transformers import AutoConfig
+
+    from flashmemory.models.loader import default_model_dir, fingerprint
+
+    meta = read_meta(DEFAULT_DIR)
+    size = (DEFAULT_DIR / "indexer.safetensors").stat().st_size
+    assert size == meta["weights_bytes"] < 4 * 2**20
+    fp = fingerprint(AutoConfig.from_pretrained(default_model_dir()))
+    assert meta["config"]["fingerprint"] == fp
+    assert default_checkpoint(fp) == DEFAULT_DIR
+    assert load_indexer(DEFAULT_DIR, fingerprint=fp).parameter_count() == meta["parameters"]
+    with pytest.raises(CheckpointError, match="no shipped indexer for backbone qwen2-28L-0000"):
+        default_checkpoint("qwen2-28L-0000")

@@ -15,7 +15,7 @@ INV_FREQ = (1.0 / (1e5 ** (torch.arange(0, 64, 2).float() / 64))).tolist()
 
 def small_config(**kw) -> IndexerConfig:
     base = dict(d_model=32, key_dim=16, rope_dim=8, layers=[1, 3], n_heads=4, q_rank=8,
-                inv_freq=INV_FREQ[::8][:4], fingerprint="test-backbone", chunk_size=32, key_block=32)
+                inv_freq=INV_FREQ[::8][:4], fingerprint="test-backbone", chunk_size=32, key_block=32, spill=None)
     base.update(kw)
     return IndexerConfig(**base)
 
@@ -64,6 +64,32 @@ def test_a_chunk_takes_the_best_of_its_block_keys():
     per_block.load_state_dict(ix.state_dict())
     blocks = per_block.layer_logits(h, keys, pos)[0]            # every block scored as its own "chunk"
     torch.testing.assert_close(ix.layer_logits(h, keys, pos)[0], blocks.reshape(2, 3, 4).amax(-1))
+
+
+def test_spill_keeps_the_chunk_after_a_strong_one():
+    torch.manual_seed(5)
+    plain = NeuralIndexer(small_config(layers=[0], distance_buckets=0))
+    spill = NeuralIndexer(small_config(layers=[0], distance_buckets=0, spill=-1.0))
+    spill.load_state_dict(plain.state_dict())
+    h, keys, pos = torch.randn(1, 1, 32), torch.randn(1, 1, 6, 16), torch.tensor([400])
+    a, b = plain.layer_logits(h, keys, pos)[0, 0], spill.layer_logits(h, keys, pos)[0, 0]
+    want = torch.maximum(a, torch.cat([torch.tensor([-30.0]), a[:-1] - 1.0]))
+    torch.testing.assert_close(b, want)
+
+
+def test_softmax_score_is_a_log_attention_mass_over_visible_chunks():
+    torch.manual_seed(6)
+    ix = NeuralIndexer(small_config(layers=[0], distance_buckets=0, score="softmax", key_block=8))
+    r = ix.retrievers["l0"]
+    h, keys = torch.randn(1, 1, 32), torch.randn(1, 1, 5 * 4, 16)
+    pos = torch.tensor([3 * 32 + 7])   # 3 complete chunks visible; chunks 3 and 4 are not
+    logits = ix.layer_logits(h, keys, pos)[0, 0]
+    q, w = r.queries(h[:, 0], pos)
+    dots = torch.einsum("hd,nd->hn", q[0], keys[0, 0] * ix.cfg.key_scale).reshape(4, 5, 4).amax(-1)[:, :3]
+    p = torch.softmax(dots * r.log_temperature.exp(), -1)                   # per-head distribution over chunks
+    mass = (torch.softmax(w[0], -1)[:, None] * p).sum(0)                   # head mixture
+    torch.testing.assert_close(logits[:3], torch.log(mass * 3) + r.bias)   # 0 = uniform attention
+    assert bool((logits[3:] < -20).all())
 
 
 def test_distance_bias_is_a_recency_prior():

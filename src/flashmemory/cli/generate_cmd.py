@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .errors import USER_ERRORS, fail
 
-# `lsa` becomes the default once an indexer for the default backbone ships (issue 3).
-DEFAULT_POLICY = "quest"
+# The learned indexer ships for the default backbone; other backbones pass --indexer (or pick quest).
+DEFAULT_POLICY = "lsa"
 
 
 def register(sub) -> None:
@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None,
                    help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help="selection policy: quest, lsa (learned indexer; needs --indexer until one ships), full, recency, random, streaming, oracle")
+                   help="selection policy: lsa (learned indexer; shipped for the default model, --indexer for others), "
+                        "quest, full, recency, random, streaming, oracle")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=float, default=None,
                         help="resident share of the history's chunks, sink and tail included (e.g. 0.15); default 0.15")

@@ -21,7 +21,10 @@ def register(sub) -> None:
     p.add_argument("--max-layers", type=int, default=3, help="largest set size to try")
     p.add_argument("--beam", type=int, default=3, help="sets kept per size")
     p.add_argument("--width", type=int, default=5, help="best single layers used to grow sets")
-    p.add_argument("--tolerance", type=float, default=0.01, help="recall a smaller set may lose and still be chosen")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="validation recall a smaller set may lose and still be chosen (0: the best set)")
+    p.add_argument("--metric", choices=["qa", "all"], default="qa",
+                   help="validation recall on question documents (retrieval events) or on all documents")
     p.add_argument("--epochs", type=int, default=15, help="epochs per run")
     p.add_argument("--heads", type=int, default=None, help="indexer heads (default: as `flashmemory train`)")
     p.add_argument("--q-rank", type=int, default=64)
@@ -47,7 +50,8 @@ def run(args) -> int:
         base = TrainConfig(n_heads=args.heads, q_rank=args.q_rank, epochs=args.epochs, patience=4,
                            min_layers=args.min_layers, seed=args.seed)
         log = None if args.json else print
-        result = search_layers(traces, cands, args.max_layers, args.beam, args.width, args.tolerance, base, log)
+        result = search_layers(traces, cands, args.max_layers, args.beam, args.width, args.tolerance, base, log,
+                               metric=args.metric)
     except (TraceError, DumpError, TrainError, *USER_ERRORS) as exc:
         return fail(str(exc))
     report = result.to_dict()
@@ -56,7 +60,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print("Pareto front (layers -> validation recall at the budget):")
+    print(f"Pareto front (layers -> validation recall at the budget, {args.metric} documents):")
     for r in result.pareto:
         print(f"  {len(r.layers)} layer(s) {r.layers}: {r.recall_at_budget:.3f}")
     if result.quest_recall_at_budget is not None:

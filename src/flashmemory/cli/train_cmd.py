@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from .errors import USER_ERRORS, fail
@@ -30,6 +29,10 @@ def register(sub) -> None:
                    help="start the query side from the backbone's q_proj stored in the dump, or at random")
     p.add_argument("--q-rank", type=int, default=64, help="low-rank size of the query projection")
     p.add_argument("--ensemble", choices=["max", "mean"], default="max", help="cross-layer ensemble")
+    p.add_argument("--score", choices=["softmax", "relu"], default="softmax",
+                   help="head aggregation: per-head attention mass (softmax) or DeepSeek's sum of ReLU(q.k)")
+    p.add_argument("--train-queries", action="store_true",
+                   help="also train wq_a/wq_b after the backbone init (default: keep them, train the rest)")
     p.add_argument("--min-layers", type=int, default=None, help="golden when at least this many layers vote (default: dump's)")
     p.add_argument("--neg-ratio", type=float, default=3.0, help="sampled negatives per positive (<= 0: all negatives)")
     p.add_argument("--vote-weighting", action="store_true", help="weight positives by their number of votes")
@@ -75,6 +78,7 @@ def run(args) -> int:
                 raise TrainError("give --dump DIR and --out DIR (or --build-default)")
             dumps, out = args.dump, args.out
             cfg = TrainConfig(layers=parse_layers(args.layers), n_heads=args.heads, q_rank=args.q_rank, init=args.init,
+                              score=args.score, freeze_queries=not args.train_queries,
                               ensemble=args.ensemble, min_layers=args.min_layers, neg_ratio=args.neg_ratio,
                               vote_weighting=args.vote_weighting, gamma=args.gamma, lr=args.lr,
                               batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
@@ -112,16 +116,19 @@ def run(args) -> int:
 
 
 def _build_default_dump(folder: str, quiet: bool = False) -> float:
-    """Dump (or finish dumping) the default corpus with the recorded recipe; returns seconds spent."""
+    """Dump (or finish dumping) the default corpus with the recorded recipe; returns the backbone
+    seconds spent on the whole dump (all runs of it, resumes included)."""
     from ..models.loader import load_backbone
     from ..traces.dump import run_dump
     from ..traces.recipe import DEFAULT_CORPUS, DEFAULT_DUMP, default_corpus
 
-    start = time.perf_counter()
+    from ..traces.dump import dump_seconds
+
     backbone = load_backbone(None)
     summary = run_dump(backbone, default_corpus(), folder, DEFAULT_DUMP, corpus_spec=DEFAULT_CORPUS,
                        progress=not quiet)
+    total = dump_seconds(folder)
     if not quiet:
-        print(f"dump: {summary.documents} new documents ({summary.skipped} resumed) in {summary.seconds:.1f} s, "
-              f"{summary.disk_bytes / 2**20:.1f} MiB on disk")
-    return time.perf_counter() - start
+        print(f"dump: {summary.documents} new documents ({summary.skipped} resumed) in {summary.seconds:.1f} s; "
+              f"{total:.0f} s of backbone time in all; {summary.disk_bytes / 2**20:.1f} MiB on disk")
+    return total

@@ -194,7 +194,7 @@ def load_deepseek_retrievers(path: str | os.PathLike, rope_dim: int = 64, finger
     try:
         cfg = IndexerConfig(d_model=int(d_model), key_dim=int(key_dim), rope_dim=min(rope_dim, int(key_dim)),
                             layers=sorted(layers), n_heads=int(n_heads), q_rank=int(q_rank), inv_freq=None,
-                            key_block=32, distance_buckets=0, fingerprint=fingerprint, extra={"source": str(path), "layout": "deepseek-v4"})
+                            key_block=32, distance_buckets=0, spill=None, fingerprint=fingerprint, extra={"source": str(path), "layout": "deepseek-v4"})
     except IndexerConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     indexer = NeuralIndexer(cfg)

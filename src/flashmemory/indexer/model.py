@@ -10,8 +10,10 @@ Shape (DeepSeek's lightning indexer, adapted to an ordinary attention backbone):
                  the post-RoPE keys of each block of `key_block` (8) tokens per KV head, KV
                  heads concatenated, so key_dim = kv_heads * head_dim; a chunk of 32 tokens
                  has 4 such keys
-    logit        max over the chunk's keys of sum_h w_h * ReLU(q_h . k),
-                 + bias + distance_bias[log2 distance in chunks]
+    logit        max over the chunk's keys of sum_h w_h * ReLU(q_h . k), + bias; then the max of
+                 that and the previous chunk's logit + `spill` (0: a chunk is kept whenever its
+                 predecessor is, since a fact that starts there often ends here);
+                 + distance_bias[log2 distance in chunks]
     probability  sigmoid(logit)
 
 Why every dimension is rotated: the backbone's keys are rotated in all their dimensions,
@@ -51,6 +53,8 @@ class IndexerConfig:
     ensemble: Literal["max", "mean"] = "max"
     key_scale: float = 1.0             # keys are multiplied by this (set from data at training start)
     distance_buckets: int = 12         # learned logit bias per log2-distance bucket (0: none)
+    score: Literal["relu", "softmax"] = "relu"  # head aggregation, see LayerRetriever.forward
+    spill: float | None = 0.0          # a chunk also takes its predecessor's logit + this offset (None: off)
     chunk_size: int = 32
     key_block: int = 8                 # tokens per compressed key (a chunk has chunk_size / key_block keys)
     fingerprint: str | None = None     # backbone this indexer was trained for
@@ -74,6 +78,8 @@ class IndexerConfig:
         if self.inv_freq is not None and len(self.inv_freq) * 2 != self.rope_dim:
             raise IndexerConfigError(f"inv_freq has {len(self.inv_freq)} entries; rope_dim {self.rope_dim} needs "
                                      f"{self.rope_dim // 2}")
+        if self.score not in ("relu", "softmax"):
+            raise IndexerConfigError(f"score must be 'relu' or 'softmax', got {self.score!r}")
         if self.ensemble not in ("max", "mean"):
             raise IndexerConfigError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
         if not (self.key_scale > 0 and math.isfinite(self.key_scale)):
@@ -118,6 +124,10 @@ class LayerRetriever(nn.Module):
         self.wq_b = nn.Linear(cfg.q_rank, cfg.n_heads * cfg.key_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
         self.bias = nn.Parameter(torch.zeros(()))
+        if cfg.score == "softmax":
+            # logit = scale * log(mass): the temperature of the per-head softmax and the log-mass scale
+            self.log_temperature = nn.Parameter(torch.tensor(-0.5 * math.log(cfg.rope_dim)))
+            self.mass_scale = nn.Parameter(torch.ones(()))
         if cfg.distance_buckets:
             self.distance_bias = nn.Parameter(torch.zeros(cfg.distance_buckets))
 
@@ -147,11 +157,32 @@ class LayerRetriever(nn.Module):
         else:
             dots = torch.einsum("bhd,bnd->bhn", q, keys)
         per = self.cfg.chunk_size // self.cfg.key_block
-        logits = torch.einsum("bh,bhn->bn", w, torch.relu(dots))
-        logits = logits.reshape(logits.shape[0], -1, per).amax(-1) + self.bias
+        if self.cfg.score == "relu":
+            logits = torch.einsum("bh,bhn->bn", w, torch.relu(dots))
+            logits = logits.reshape(logits.shape[0], -1, per).amax(-1) + self.bias
+        else:
+            logits = self._softmax_score(dots.reshape(*dots.shape[:2], -1, per).amax(-1), w, positions)
+        if self.cfg.spill is not None:  # a fact that starts near a chunk's end continues in the next chunk
+            prev = torch.nn.functional.pad(logits[:, :-1], (1, 0), value=-30.0) + self.cfg.spill
+            logits = torch.maximum(logits, prev)
         if self.cfg.distance_buckets:
             logits = logits + self.distance_bias[self.buckets(positions, logits.shape[-1])]
         return logits
+
+    def _softmax_score(self, dots: torch.Tensor, w: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """score="softmax": each head's attention distribution over the history's chunks, mixed by
+        softmax(w) over heads, as a log mass. Mirrors how golden labels are made (head-mean
+        attention mass per chunk), so an indexer started from the backbone's own query
+        projection ranks chunks like real attention before any training."""
+        n = dots.shape[-1]
+        visible = torch.arange(n, device=dots.device)[None] < \
+            torch.div(positions + 1, self.cfg.chunk_size, rounding_mode="floor")[:, None]
+        z = (dots * self.log_temperature.exp()).masked_fill(~visible[:, None], -1e4)  # finite: no NaN gradients
+        logp = torch.log_softmax(z, -1)                                    # [B, H, n] per-head chunk distribution
+        mix = torch.log_softmax(w, -1)[:, :, None]                         # [B, H, 1] head mixture
+        log_mass = torch.logsumexp(logp + mix, 1)                          # [B, n]
+        log_mass = log_mass + torch.log(visible.sum(-1, keepdim=True).clamp_min(1).float())  # 0 = uniform
+        return (self.mass_scale * log_mass).masked_fill(~visible, -30.0) + self.bias
 
     def buckets(self, positions: torch.Tensor, n: int) -> torch.Tensor:
         """[B, n] log2 bucket of each chunk's distance (in chunks) from the query's chunk."""

@@ -415,7 +415,9 @@ def run_dump(backbone, corpus: list[TraceDocument], folder: str | os.PathLike, c
     start = time.perf_counter()
     bar = tqdm(todo, desc=f"dump {i_shard}/{n_shards}", unit="doc", disable=not progress, dynamic_ncols=True)
     for index in bar:
+        t0 = time.perf_counter()
         tensors, meta = trace_document(backbone, corpus[index], cfg)
+        meta["seconds"] = round(time.perf_counter() - t0, 2)
         tmp = part_path(folder, index).with_suffix(f".tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"doc": json.dumps({**meta, "index": index})})
         os.replace(tmp, part_path(folder, index))
@@ -432,6 +434,17 @@ def run_dump(backbone, corpus: list[TraceDocument], folder: str | os.PathLike, c
     summary.seconds = time.perf_counter() - start
     summary.disk_bytes = folder_bytes(folder)
     return summary
+
+
+def dump_seconds(folder: str | os.PathLike) -> float:
+    """Backbone time spent on all documents of a dump so far (summed over parts and resumes)."""
+    from safetensors import safe_open
+
+    total = 0.0
+    for path in Path(folder).glob("part-*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            total += float(json.loads(f.metadata()["doc"]).get("seconds", 0.0))
+    return total
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

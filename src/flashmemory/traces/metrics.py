@@ -1,6 +1,8 @@
 """Validation metrics of a chunk scorer against golden labels, over the selectable population.
 
-All counts are micro-averaged over anchors. "Resident fraction" is measured in complete
+All counts are micro-averaged over anchors. Two recalls: over the selectable population only
+(what the scorer itself finds) and over every golden chunk of the history (what the resident
+set holds, sink and tail included, which is what decoding needs). "Resident fraction" is measured in complete
 chunks of the anchor's history: the forced part (sink + tail, everything outside the
 population) plus the chunks the scorer selects, over all complete chunks. The unfinished
 page and page rounding (which the runtime adds) are not counted here.
@@ -20,6 +22,10 @@ class ScoreMetrics:
     population: int = 0
     recall_at_k: dict = field(default_factory=dict)     # K (chunks) -> recall of positives in the top K
     recall_at_budget: float = 0.0   # top-K where K fills `budget` of the history after sink + tail
+    # all golden chunks of the history (forced ones too): the share the resident set holds when
+    # sink + tail + the top-K above fill `budget` (what decoding with this scorer actually keeps)
+    golden: int = 0
+    recall_resident: float = 0.0
     # threshold metrics (probabilistic scorers only)
     precision: float | None = None
     recall: float | None = None
@@ -48,8 +54,10 @@ def score_metrics(scores: list[torch.Tensor], labels: list[torch.Tensor], popula
     hits_b = tp = fp = fn = 0
     sel_frac = res_frac = 0.0
     hits_cap = 0
+    hits_res = 0
     for s, y, pop in zip(scores, labels, populations):
-        s, y, pop = s.float(), y.bool() & pop, pop.bool()
+        s, y_all, pop = s.float(), y.bool(), pop.bool()
+        y = y_all & pop
         n_total = pop.numel()
         if n_total == 0:
             continue
@@ -65,6 +73,8 @@ def score_metrics(scores: list[torch.Tensor], labels: list[torch.Tensor], popula
         for k in ks:
             hits_k[k] += int(y[order[:k]].sum())
         hits_b += int(y[order[:cap]].sum())
+        m.golden += int(y_all.sum())
+        hits_res += int(y[order[:cap]].sum()) + int((y_all & ~pop).sum())
         if threshold is not None:
             above = torch.zeros_like(pop)
             above[cand] = s[cand] > threshold
@@ -79,6 +89,7 @@ def score_metrics(scores: list[torch.Tensor], labels: list[torch.Tensor], popula
     P = max(1, m.positives)
     m.recall_at_k = {k: hits_k[k] / P for k in ks}
     m.recall_at_budget = hits_b / P
+    m.recall_resident = hits_res / max(1, m.golden)
     if threshold is not None and m.anchors:
         m.precision = tp / max(1, tp + fp)
         m.recall = tp / P

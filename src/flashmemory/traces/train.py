@@ -39,6 +39,8 @@ class TrainConfig:
     n_heads: int | None = None        # None: the backbone's query heads with backbone init, else 8
     q_rank: int = 64
     init: str = "backbone"            # "backbone": start the query side from the dump's q_proj (if stored); "random"
+    freeze_queries: bool = True       # keep wq_a / wq_b at their backbone-derived start (train the rest)
+    score: str = "softmax"            # indexer head aggregation: "softmax" (mass) or "relu" (DeepSeek's)
     ensemble: str = "max"
     min_layers: int | None = None     # golden when votes >= this; None: the dump's value
     neg_ratio: float = 3.0            # sampled negatives per positive and anchor; <= 0 uses all negatives
@@ -49,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int = 64
     epochs: int = 60
-    patience: int = 8                 # epochs without a better validation score before stopping
+    patience: int = 10                # epochs without a better validation score before stopping
     val_fraction: float = 0.15
     seed: int = 0
     time_limit: float | None = None   # seconds; stop (keeping the best so far) when exceeded
@@ -61,6 +63,8 @@ class TrainConfig:
     threads: int | None = 1           # torch threads while training (this model is small: 1 beats 2 on a busy CPU)
 
     def __post_init__(self) -> None:
+        if self.score not in ("relu", "softmax"):
+            raise TrainError(f"score must be 'relu' or 'softmax', got {self.score!r}")
         if self.init not in ("backbone", "random"):
             raise TrainError(f"init must be 'backbone' or 'random', got {self.init!r}")
         for name in ("q_rank", "batch_size", "epochs", "patience") + (("n_heads",) if self.n_heads is not None else ()):
@@ -87,6 +91,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)   # per epoch: train_loss, val metrics
     val: ScoreMetrics | None = None                     # best epoch, on validation documents
     val_quest: ScoreMetrics | None = None               # the quest baseline on the same anchors
+    val_qa: ScoreMetrics | None = None                  # validation anchors of question documents only
     seconds: float = 0.0
     epochs_run: int = 0
     train_anchors: int = 0
@@ -103,7 +108,8 @@ class TrainResult:
                 "train_loss_first": self.history[0]["train_loss"] if self.history else None,
                 "train_loss_last": self.history[-1]["train_loss"] if self.history else None,
                 "val": self.val.to_dict() if self.val else None,
-                "val_quest": self.val_quest.to_dict() if self.val_quest else None}
+                "val_quest": self.val_quest.to_dict() if self.val_quest else None,
+                "val_qa": self.val_qa.to_dict() if self.val_qa else None}
 
 
 def default_layers(traces: TraceSet, n: int = 3) -> list[int]:
@@ -268,7 +274,7 @@ def build_indexer(traces: TraceSet, cfg: TrainConfig) -> NeuralIndexer:
     n_heads = cfg.n_heads or (info["n_heads"] if _use_backbone_init(traces, cfg) else 8)
     icfg = IndexerConfig(d_model=info["d_model"], key_dim=info["key_dim"], rope_dim=info["head_dim"],
                          layers=list(layers), n_heads=n_heads, q_rank=cfg.q_rank, inv_freq=info["inv_freq"],
-                         ensemble=cfg.ensemble, chunk_size=params["chunk_size"],
+                         ensemble=cfg.ensemble, chunk_size=params["chunk_size"], score=cfg.score,
                          key_block=params.get("key_block", params["chunk_size"]), fingerprint=info["fingerprint"])
     return NeuralIndexer(icfg)
 
@@ -301,6 +307,11 @@ def init_from_backbone(indexer: NeuralIndexer, traces: TraceSet, docs: list[int]
         ret.wq_a.weight.copy_(Vh[:r])
         ret.q_norm_weight.fill_(1.0)
         ret.wq_b.weight.copy_(U[:, :r] * S[:r] * rms)
+        if cfg.score == "softmax":  # real attention logits: q.k / sqrt(head_dim) on unscaled keys
+            ret.weights_proj.weight.zero_()                   # equal head mixture
+            ret.log_temperature.fill_(-0.5 * math.log(Dh) - math.log(cfg.key_scale))
+            ret.bias.fill_(math.log(rate / (1 - rate)))
+            continue
         mean = hidden.mean(0)
         ret.weights_proj.weight.copy_((mean / mean.pow(2).sum())[None].expand(H, -1) * (cfg.key_dim * H) ** 0.5)
         # calibrate the logit scale on a sample of training anchors
@@ -376,11 +387,16 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
     if world > 1:
         for p in indexer.parameters():
             dist.broadcast(p.data, 0)
+    if cfg.freeze_queries and _use_backbone_init(traces, cfg):  # before DDP, which registers what needs grads
+        for r in indexer.retrievers.values():
+            r.wq_a.weight.requires_grad_(False)
+            r.wq_b.weight.requires_grad_(False)
     model = _LayerLogits(indexer)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model)
-    opt = torch.optim.AdamW(indexer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in indexer.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     batcher = _Batcher(traces, train_docs, min_layers, cfg)
     items = batcher.items
     result = TrainResult(indexer, cfg, min_layers, train_anchors=len(items),
@@ -452,7 +468,11 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
     result.calibration_shift = calibrate_threshold(indexer, traces, val_docs or train_docs, min_layers)
     if val_docs:
         result.val = evaluate(indexer, traces, val_docs, min_layers, cfg.budget, cfg.ks)
-        result.val_quest = evaluate(None, traces, val_docs, min_layers, cfg.budget, cfg.ks, scorer="quest")
+        qa_docs = [d for d in val_docs if traces.docs[d].meta.get("kind") == "qa"]
+        if qa_docs:  # retrieval events: the model reads a fact back to answer
+            result.val_qa = evaluate(indexer, traces, qa_docs, min_layers, cfg.budget, cfg.ks)
+        if traces.params.get("quest_baseline", True):  # the dump stored quest's scores
+            result.val_quest = evaluate(None, traces, val_docs, min_layers, cfg.budget, cfg.ks, scorer="quest")
     result.seconds = time.perf_counter() - start
     indexer.cfg.extra = {"min_layers": min_layers, "dump_params": traces.params,
                          "population": asdict(traces.population), "train": {**asdict(cfg), "ks": list(cfg.ks)},
