@@ -185,3 +185,22 @@ def test_dump_resumes_after_being_killed(backbone, tmp_path):
         run_dump(backbone, file_corpus([docs]), out, DumpConfig(region_tokens=64, candidate_layers=[12, 16],
                                                                 quest_baseline=False),
                  corpus_spec={"files": [str(docs)]}, progress=False)
+
+
+def test_layer_search_ranks_sets_and_picks_one(small_dump, capsys):
+    from flashmemory.cli.main import main
+
+    folder, _ = small_dump
+    rc = main(["layers", "--dump", str(folder), "--max-layers", "2", "--beam", "1", "--width", "2",
+               "--epochs", "2", "--metric", "all", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    sizes = [len(r["layers"]) for r in report["runs"]]
+    assert sizes.count(1) == 3 and sizes.count(2) == 1          # every candidate alone, then one grown pair
+    front = report["pareto"]
+    assert [len(r["layers"]) for r in front] == sorted(len(r["layers"]) for r in front)
+    assert all(b["recall_at_budget"] > a["recall_at_budget"] for a, b in zip(front, front[1:]))
+    best = max(r["recall_at_budget"] for r in report["runs"])
+    chosen = next(r for r in report["runs"] if r["layers"] == report["chosen"])
+    assert chosen["recall_at_budget"] == best
+    assert report["quest_recall_at_budget"] is not None
