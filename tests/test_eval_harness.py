@@ -10,7 +10,7 @@ import pytest
 from flashmemory.config import LSAConfig
 from flashmemory.eval import DataPaths, EvalSettings, evaluate, summarize, write_report
 from flashmemory.eval.samples import EvalDataError, PromptBuilder
-from flashmemory.policies import policy_names
+from flashmemory.policies import make_policy, policy_names
 from flashmemory.runtime.engine import LSAEngine
 
 FIX = Path(__file__).parent / "fixtures"
@@ -147,3 +147,20 @@ def test_cli_eval(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "flashmemory: error:" in err and "lsa" in err
+
+
+def test_cached_results_are_keyed_by_the_indexer_weights():
+    # a retrained checkpoint at the same path (or a new shipped default) must not reuse old results
+    import torch
+
+    from flashmemory.eval.harness import policy_identity
+    from flashmemory.indexer.model import IndexerConfig, NeuralIndexer
+    from flashmemory.policies.lsa import LSAPolicy
+
+    torch.manual_seed(0)
+    cfg = IndexerConfig(d_model=16, key_dim=8, rope_dim=8, layers=[1], n_heads=2, q_rank=4)
+    a, b = NeuralIndexer(cfg), NeuralIndexer(cfg)
+    ident_a = policy_identity(LSAPolicy(checkpoint=a), {})
+    assert ident_a == policy_identity(LSAPolicy(checkpoint=a), {})
+    assert ident_a != policy_identity(LSAPolicy(checkpoint=b), {})
+    assert policy_identity(make_policy("quest"), {}) == {}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import torch
+
 from ..config import ConfigError, LSAConfig
 from ..policies import BudgetError, SelectionPolicy, make_policy, policy_names
 from ..runtime.cache import ContextLengthError
@@ -140,11 +142,26 @@ def _runs(settings: EvalSettings, policies: dict[str, SelectionPolicy]) -> list[
     return out
 
 
-def _record_key(fingerprint: str, sample: Sample, policy: str, kwargs: dict, config: LSAConfig,
+def _record_key(fingerprint: str, sample: Sample, policy: str, identity: dict, config: LSAConfig,
                 chat: bool) -> str:
-    blob = json.dumps([fingerprint, sample.id, sample.digest(), policy, {k: str(v) for k, v in kwargs.items()},
-                       config.to_dict(), chat], sort_keys=True)
+    blob = json.dumps([fingerprint, sample.id, sample.digest(), policy, identity, config.to_dict(), chat],
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def policy_identity(policy, kwargs: dict) -> dict:
+    """What a cached result depends on besides the sample and config: the policy's options and,
+    for a learned policy, a digest of its weights (a retrained checkpoint at the same path, or
+    a new shipped default, must not reuse old results)."""
+    ident = {k: str(v) for k, v in kwargs.items()}
+    model = getattr(policy, "indexer", None)
+    if isinstance(model, torch.nn.Module):
+        h = hashlib.sha1()
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().float().numpy().tobytes())
+        ident["weights"] = h.hexdigest()[:16]
+    return ident
 
 
 class ResultStore:
@@ -204,14 +221,14 @@ def evaluate(engine: LSAEngine, settings: EvalSettings, results_path: Path | Non
     store = ResultStore(results_path)
     runs = _runs(settings, policies)
     fp = engine.backbone.fingerprint
+    identity = {name: policy_identity(policies[name], settings.policy_kwargs.get(name, {})) for name in policies}
     tau = settings.config.tau
     records: list[dict] = []
     reused = 0
     bar = tqdm(samples, desc="eval", unit="sample", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for sample in bar:
         keyed = [(p, b, settings.config.with_(budget=b, max_pages=None)) for p, b in runs]
-        keyed = [(p, b, cfg, _record_key(fp, sample, p, settings.policy_kwargs.get(p, {}), cfg, settings.chat))
-                 for p, b, cfg in keyed]
+        keyed = [(p, b, cfg, _record_key(fp, sample, p, identity[p], cfg, settings.chat)) for p, b, cfg in keyed]
         todo = [k for k in keyed if k[3] not in store]
         reused += len(keyed) - len(todo)
         if todo:
@@ -243,6 +260,5 @@ def evaluate(engine: LSAEngine, settings: EvalSettings, results_path: Path | Non
     for sample in samples:
         for name, budget in runs:
             cfg = settings.config.with_(budget=budget, max_pages=None)
-            records.append(store.records[_record_key(fp, sample, name, settings.policy_kwargs.get(name, {}), cfg,
-                                                     settings.chat)])
+            records.append(store.records[_record_key(fp, sample, name, identity[name], cfg, settings.chat)])
     return EvalRun(settings, samples, records, model=str(engine.backbone.path), reused=reused)

@@ -140,7 +140,9 @@ def encode_document(tokenizer, doc: TraceDocument, max_tokens: int) -> tuple[lis
             ids = tokenizer(body + "Question: " + doc.questions[0] + "\nAnswer:", add_special_tokens=True)["input_ids"]
             q_start = len(tokenizer(body, add_special_tokens=True)["input_ids"])
         if len(ids) > max_tokens:
-            raise DumpError(f"{doc.doc_id}: the question prompt has {len(ids)} tokens, more than max_tokens={max_tokens}")
+            raise DumpError(f"{doc.doc_id}: the question prompt has {len(ids)} tokens, more than the {max_tokens} left "
+                            "for it (--doc-max-tokens minus room for every question and answer); shorten the "
+                            "document or raise --doc-max-tokens (built-in corpus: lower --max-tokens)")
         return ids, max(1, min(q_start, len(ids) - 1))
     ids = tokenizer(doc.context, add_special_tokens=True)["input_ids"]
     if doc.continuation:
