@@ -88,6 +88,7 @@ class _Evil:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.save's protocol; harmless here
 def test_deepseek_loader_refuses_pickled_code_and_partial_layers(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"retrievers.l1.wq_a.weight": _Evil()}, f)
