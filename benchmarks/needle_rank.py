@@ -6,6 +6,12 @@
 One prefill, then for every policy: at each cycle, the chunk that holds the answer, its score
 and how many chunks score higher, the policy's top 10 chunks, and the generated answer.
 A policy name starting with "/" or "." is an indexer checkpoint folder for `lsa`.
+
+    python benchmarks/needle_rank.py --per-layer runs/default-indexer/dump
+
+--per-layer DUMP: also rank the needle's chunk at every candidate layer of a dump, with
+untrained retrievers started from the backbone's own query projections (no distance prior):
+which layers' queries point at the needle, to guide the choice of target layers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2, help="samples generated (the index picks one)")
     p.add_argument("--budget", type=float, default=0.12)
     p.add_argument("--policies", default="lsa,quest")
+    p.add_argument("--per-layer", default=None, metavar="DUMP", help="rank per candidate layer of this dump")
     args = p.parse_args()
 
     backbone = load_backbone(None)
@@ -45,6 +52,9 @@ def main() -> None:
     chunk = where[0] // config.chunk_size
     print(f"{sample.id}: answer {answer!r} at token {where[0]}, chunk {chunk} of {len(ids) // config.chunk_size}")
     pre = engine.prefill(ids, max_new_tokens=sample.max_new_tokens + config.tau)
+    if args.per_layer:
+        print("  needle rank (chunks scoring higher, sink and tail excluded) per layer:",
+              per_layer_ranks(engine, pre, args.per_layer, chunk))
     for name in args.policies.split(","):
         policy = make_policy("lsa", checkpoint=name) if name.startswith(("/", ".")) else make_policy(name)
         score = policy.score
@@ -60,6 +70,37 @@ def main() -> None:
         policy.score = probe
         result = engine.decode(pre, policy, sample.max_new_tokens)
         print(f"  {name}: {result.text.strip()[:60]!r} (resident max {100 * result.report.resident_fraction_max:.1f}%)")
+
+
+def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int) -> dict[int, int]:
+    from flashmemory.indexer.keystore import ChunkKeyStore
+    from flashmemory.policies.lsa import LSAPolicy
+    from flashmemory.traces.dataset import TraceSet
+    from flashmemory.traces.train import TrainConfig, build_indexer, init_from_backbone
+
+    traces = TraceSet(dump)
+    layers = traces.layers
+    indexer = build_indexer(traces, TrainConfig(layers=layers))
+    init_from_backbone(indexer, traces, list(range(min(10, len(traces.docs)))), 0.05)
+    with torch.no_grad():
+        for r in indexer.retrievers.values():
+            r.distance_bias.zero_()
+    cfg, ranks = engine.config, {}
+
+    def probe(ctx):
+        hidden = torch.stack([ctx.recorder.hidden(layer)[-1] for layer in layers])[None].float()
+        store = ChunkKeyStore(layers, indexer.cfg.key_dim, cfg.chunk_size, key_block=indexer.cfg.key_block)
+        store.extend_from_host(ctx.host_keys, ctx.length)
+        logits = indexer.layer_logits(hidden, store.keys(ctx.n_chunks), torch.tensor([ctx.length - 1]))[:, 0]
+        lo, hi = cfg.sink_tokens // cfg.chunk_size, (ctx.length - cfg.tail_tokens) // cfg.chunk_size
+        if not ranks:
+            ranks.update({layer: int((logits[i, lo:hi] > logits[i, chunk]).sum()) for i, layer in enumerate(layers)})
+        return torch.zeros(ctx.n_chunks)
+
+    policy = LSAPolicy(checkpoint=indexer)
+    policy.score = probe
+    engine.decode(pre, policy, 3)  # the first cycle's selection is all we need
+    return ranks
 
 
 if __name__ == "__main__":
