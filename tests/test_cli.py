@@ -38,3 +38,15 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--prompt-file", "--model", "--policy", "--budget", "--max-new-tokens", "--chat", "--json"):
         assert option in out
+
+
+def test_an_output_path_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "A short document about nothing in particular."}) + "\n")
+    code = main(["dump", "--out", str(blocker / "dump"), "--jsonl", str(docs), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "flashmemory: error:" in err and str(blocker) in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"   # nothing the user stored is touched

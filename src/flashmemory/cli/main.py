@@ -8,6 +8,7 @@ import pkgutil
 import sys
 
 from .. import __version__
+from .errors import fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flashmemory: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        # a path given on the command line that cannot be read or written (a file where a
+        # folder is needed, no permission, a full disk): one line, whatever the subcommand
+        return fail(f"{exc.filename}: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

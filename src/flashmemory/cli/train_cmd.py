@@ -108,7 +108,8 @@ def run(args) -> int:
               f"({summary['epochs_run']} epochs, {summary['world_size']} process(es)); train loss "
               f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}")
         if v:
-            print(f"validation: recall@budget {v['recall_at_budget']:.3f} (quest {q.get('recall_at_budget', 0):.3f}), "
+            quest = f"quest {q['recall_at_budget']:.3f}" if q else "no quest scores in the dump"
+            print(f"validation: recall@budget {v['recall_at_budget']:.3f} ({quest}), "
                   f"F1@0.5 {v['f1']:.3f}, resident fraction {v['resident_fraction']:.3f}, "
                   f"positive rate {v['positive_rate']:.3f}")
         print(f"wrote {folder} ({summary['weights_bytes'] / 1024:.0f} KiB of weights)")

@@ -112,12 +112,13 @@ class TrainResult:
                 "val_qa": self.val_qa.to_dict() if self.val_qa else None}
 
 
-def default_layers(traces: TraceSet, n: int = 3) -> list[int]:
-    """The dump's recommended target layers if it names some, else n candidates spread over the depth."""
-    rec = traces.manifest.get("recommended_layers")
-    if rec and all(x in traces.candidates for x in rec):
+def default_layers(manifest: dict, n: int = 3) -> list[int]:
+    """The dump's recommended target layers if its manifest names some, else n candidates spread
+    over the depth (read from the manifest alone: no tensors are loaded to decide)."""
+    c = list(manifest["candidate_layers"])
+    rec = manifest.get("recommended_layers")
+    if rec and all(x in c for x in rec):
         return list(rec)
-    c = traces.candidates
     return sorted({c[round(i * (len(c) - 1) / max(1, n - 1))] for i in range(n)}) if len(c) > n else list(c)
 
 
@@ -155,8 +156,7 @@ class _Batcher:
 
     def batch(self, rows: list[int], gen: torch.Generator, train: bool):
         rows_t = torch.tensor(rows)
-        n = max(1, int(self.positions[rows_t].max()) + 1) // self.chunk_size
-        n = max(1, n)
+        n = max(1, (int(self.positions[rows_t].max()) + 1) // self.chunk_size)
         keys = self.keys[self.doc[rows_t], :, : n * self.per]
         votes, pop = self.votes[rows_t, :n], self.population[rows_t, :n]
         pos = (votes >= self.min_layers) & pop
@@ -267,7 +267,7 @@ def _use_backbone_init(traces: TraceSet, cfg: TrainConfig) -> bool:
 
 def build_indexer(traces: TraceSet, cfg: TrainConfig) -> NeuralIndexer:
     info, params = traces.backbone, traces.params
-    layers = cfg.layers if cfg.layers is not None else default_layers(traces)
+    layers = cfg.layers if cfg.layers is not None else default_layers(traces.manifest)
     bad = [x for x in layers if x not in traces.candidates]
     if bad:
         raise TrainError(f"target layers {bad} are not candidate layers of the dump ({traces.candidates})")
@@ -352,13 +352,13 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
     if traces is None:
         from .dataset import read_manifest
         first = dumps if isinstance(dumps, (str, Path)) else dumps[0]
-        params = read_manifest(first)["params"]
+        manifest = read_manifest(first)
+        params = manifest["params"]
         pop = Population(params["chunk_size"], cfg.page_size or params["page_size"],
                          params["sink_tokens"] if cfg.sink_tokens is None else cfg.sink_tokens,
                          params["tail_tokens"] if cfg.tail_tokens is None else cfg.tail_tokens)
-        full = TraceSet(dumps, population=pop)
-        layers = cfg.layers if cfg.layers is not None else default_layers(full)
-        traces = TraceSet(dumps, layers=layers, population=pop) if layers != full.layers else full
+        layers = cfg.layers if cfg.layers is not None else default_layers(manifest)
+        traces = TraceSet(dumps, layers=layers, population=pop)   # only the target layers are read
         cfg = TrainConfig(**{**asdict(cfg), "layers": list(layers)})
     elif cfg.layers is not None and cfg.layers != traces.layers:
         raise TrainError(f"the TraceSet was loaded with layers {traces.layers}, the config asks for {cfg.layers}")
