@@ -112,8 +112,8 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     rows = []
-    print(f"| shape | context | static ms/tok | LSA ms/tok | speedup | static device KV | LSA device KV | "
-          f"resident | |bytes - frac*full|/bytes |")
+    print("| shape | context | static ms/tok | LSA ms/tok | speedup | static device KV | LSA device KV | "
+          "resident | |bytes - frac*full|/bytes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         for context in args.contexts:

@@ -27,7 +27,7 @@ from flashmemory import LSAConfig, LSAEngine
 from flashmemory.indexer import load_indexer, read_meta, save_indexer
 from flashmemory.policies import make_policy
 from flashmemory.traces.corpus import file_corpus, synthetic_corpus
-from flashmemory.traces.dataset import TraceSet
+from flashmemory.traces.dataset import TraceError, TraceSet
 from flashmemory.traces.dump import DumpConfig, DumpError, run_dump
 from flashmemory.traces.train import TrainConfig, train_indexer
 
@@ -204,3 +204,27 @@ def test_layer_search_ranks_sets_and_picks_one(small_dump, capsys):
     chosen = next(r for r in report["runs"] if r["layers"] == report["chosen"])
     assert chosen["recall_at_budget"] == best
     assert report["quest_recall_at_budget"] is not None
+
+
+def test_dumps_with_different_candidate_layers_train_together(small_dump, backbone, tmp_path):
+    folder, _ = small_dump
+    other = tmp_path / "other"
+    cfg = DumpConfig(label_layers=LABEL_LAYERS, candidate_layers=[16, 20, 24], label_stride=2, region_tokens=256,
+                     max_answer_tokens=12, qa_anchor_stride=8)
+    run_dump(backbone, synthetic_corpus(2, seed=78, min_tokens=500, max_tokens=600), other, cfg,
+             corpus_spec={"test": 2}, progress=False)
+    both = TraceSet([folder, other], layers=[20])
+    assert both.candidates == [16, 20]                          # stored by every dump
+    alone = TraceSet(other, layers=[20])                        # layer 20 is row 1 there, row 2 in `folder`
+    assert len(both.docs) == N_DOCS + 2
+    for mixed, own in zip(both.docs[N_DOCS:], alone.docs):
+        assert torch.equal(mixed.hidden, own.hidden) and torch.equal(mixed.keys, own.keys)
+    result = train_indexer([folder, other], TrainConfig(layers=[16, 20], epochs=1, patience=1))
+    assert result.indexer.layers == [16, 20]
+    with pytest.raises(TraceError, match="not in every dump"):
+        TraceSet([folder, other], layers=[12])
+    mismatched = tmp_path / "mismatched"                        # labels made another way do not mix
+    run_dump(backbone, synthetic_corpus(1, seed=79, min_tokens=300, max_tokens=400), mismatched,
+             DumpConfig(**{**cfg.__dict__, "top_p": 0.5}), corpus_spec={"test": 1}, progress=False)
+    with pytest.raises(TraceError, match=r"other parameters .*\(top_p\)"):
+        TraceSet([folder, mismatched])

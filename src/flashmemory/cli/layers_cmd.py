@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..traces.dataset import TraceError, TraceSet, read_manifest
+    from ..traces.dataset import TraceError, TraceSet, common_candidate_layers
     from ..traces.dump import DumpError, parse_layers
     from ..traces.search import search_layers
     from ..traces.train import TrainConfig, TrainError
@@ -44,8 +44,7 @@ def run(args) -> int:
     try:
         if args.max_layers < 1 or args.beam < 1 or args.width < 1:
             raise TrainError("--max-layers, --beam and --width must be at least 1")
-        manifest = read_manifest(args.dump[0])
-        cands = parse_layers(args.candidates) or list(manifest["candidate_layers"])
+        cands = parse_layers(args.candidates) or common_candidate_layers(args.dump)
         traces = TraceSet(args.dump, layers=cands)
         base = TrainConfig(n_heads=args.heads, q_rank=args.q_rank, epochs=args.epochs, patience=4,
                            min_layers=args.min_layers, seed=args.seed)

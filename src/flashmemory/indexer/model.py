@@ -102,7 +102,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, blo
 
     x: [B, ..., dim] with dim a multiple of block; positions: [B].
     """
-    angles = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]            # [B, block/2]
+    angles = positions.float()[:, None] * inv_freq.float()[None, :]                 # [B, block/2], fp32 always
     cos = torch.cat([angles.cos(), angles.cos()], -1)                                # [B, block]
     sin = torch.cat([angles.sin(), angles.sin()], -1)
     shape = x.shape
@@ -130,6 +130,9 @@ class LayerRetriever(nn.Module):
             self.mass_scale = nn.Parameter(torch.ones(()))
         if cfg.distance_buckets:
             self.distance_bias = nn.Parameter(torch.zeros(cfg.distance_buckets))
+        # built once; non-persistent, so checkpoints hold only the config's list
+        inv = torch.tensor(cfg.inv_freq if cfg.inv_freq is not None else [], dtype=torch.float32)
+        self.register_buffer("inv_freq", inv, persistent=False)
 
     def queries(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, d_model], positions [B] -> q [B, H, key_dim], head weights [B, H]."""
@@ -138,8 +141,7 @@ class LayerRetriever(nn.Module):
         a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6) * self.q_norm_weight
         q = self.wq_b(a).view(hidden.shape[0], cfg.n_heads, cfg.key_dim)
         if cfg.inv_freq is not None:
-            inv = torch.tensor(cfg.inv_freq, dtype=torch.float32, device=hidden.device)
-            q = rotate(q, positions, inv, cfg.rope_dim)
+            q = rotate(q, positions, self.inv_freq, cfg.rope_dim)
         w = self.weights_proj(hidden) * (cfg.key_dim ** -0.5 * cfg.n_heads ** -0.5)
         return q, w
 

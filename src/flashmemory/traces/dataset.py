@@ -53,6 +53,17 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def _label_params(manifest: dict) -> dict:
+    """The parameters that must agree for two dumps' labels and populations to mix."""
+    return {k: v for k, v in manifest["params"].items() if k != "candidate_layers"}
+
+
+def common_candidate_layers(folders: list[str | Path]) -> list[int]:
+    """The candidate layers stored by every dump (dumps may store different ones)."""
+    stored = [list(read_manifest(f)["candidate_layers"]) for f in folders]
+    return [x for x in stored[0] if all(x in c for c in stored[1:])]
+
+
 class TraceSet:
     """All documents of one or more dump folders of the same backbone and label parameters."""
 
@@ -68,19 +79,25 @@ class TraceSet:
             m = read_manifest(other)
             if m["backbone"]["fingerprint"] != self.manifest["backbone"]["fingerprint"]:
                 raise TraceError(f"{other} was dumped from another backbone than {folders[0]}")
-            if m["params"] != self.manifest["params"] or m["candidate_layers"] != self.manifest["candidate_layers"]:
-                raise TraceError(f"{other} was dumped with other parameters than {folders[0]}")
+            mine, theirs = _label_params(self.manifest), _label_params(m)
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            if differ:
+                raise TraceError(f"{other} was dumped with other parameters than {folders[0]} "
+                                 f"({', '.join(differ)}); their documents cannot be mixed")
+        stored = {str(f): list(read_manifest(f)["candidate_layers"]) for f in folders}
         params = self.manifest["params"]
-        self.candidates: list[int] = list(self.manifest["candidate_layers"])
+        self.candidates: list[int] = common_candidate_layers(folders)
         self.layers = list(layers) if layers is not None else list(self.candidates)
         missing = [x for x in self.layers if x not in self.candidates]
         if missing:
-            raise TraceError(f"layers {missing} are not in the dump (its candidate layers: {self.candidates})")
-        rows = [self.candidates.index(x) for x in self.layers]
+            where = "the dump" if len(folders) == 1 else "every dump"
+            raise TraceError(f"layers {missing} are not in {where} (candidate layers stored by {where}: "
+                             f"{self.candidates})")
         self.population = population or Population(params["chunk_size"], params["page_size"],
                                                    params["sink_tokens"], params["tail_tokens"])
         self.docs: list[TraceDoc] = []
         for folder in map(Path, folders):
+            rows = [stored[str(folder)].index(x) for x in self.layers]
             for path in sorted(folder.glob("part-*.safetensors")):
                 try:
                     with safe_open(str(path), framework="pt") as f:

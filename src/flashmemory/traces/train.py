@@ -185,6 +185,12 @@ class _LayerLogits(torch.nn.Module):
         return self.indexer.layer_logits(hidden, keys, positions)
 
 
+def _anchor_spans(doc, chunk_size: int):
+    """(anchor row, chunks of history it may select) for every anchor of a document."""
+    for a, pos in enumerate(doc.positions.tolist()):
+        yield a, (pos + 1) // chunk_size
+
+
 @torch.no_grad()
 def evaluate(indexer: NeuralIndexer | None, traces: TraceSet, docs: list[int], min_layers: int,
              budget: float = 0.10, ks: tuple[int, ...] = (4, 8, 16, 32), scorer: str = "indexer",
@@ -199,8 +205,7 @@ def evaluate(indexer: NeuralIndexer | None, traces: TraceSet, docs: list[int], m
         else:
             probs = torch.cat([indexer(doc.hidden[i: i + batch_size], doc.keys, doc.positions[i: i + batch_size])
                                for i in range(0, len(doc.positions), batch_size)])
-        for a, pos in enumerate(doc.positions.tolist()):
-            n = (pos + 1) // c
+        for a, n in _anchor_spans(doc, c):
             scores.append(probs[a, :n])
             labels.append(doc.votes[a, :n] >= min_layers)
             pops.append(doc.population[a, :n])
@@ -222,10 +227,10 @@ def calibrate_threshold(indexer: NeuralIndexer, traces: TraceSet, docs: list[int
     for d in docs:
         doc = traces.docs[d]
         ll = indexer.layer_logits(doc.hidden, doc.keys, doc.positions)      # [L, A, n]
-        for a, pos in enumerate(doc.positions.tolist()):
-            pop = doc.population[a, : (pos + 1) // c]
-            layer_logits.append(ll[:, a, : pop.numel()][:, pop])
-            labels.append((doc.votes[a, : pop.numel()] >= min_layers)[pop])
+        for a, n in _anchor_spans(doc, c):
+            pop = doc.population[a, :n]
+            layer_logits.append(ll[:, a, :n][:, pop])
+            labels.append((doc.votes[a, :n] >= min_layers)[pop])
     if not layer_logits:
         return 0.0
     ll, y = torch.cat(layer_logits, 1), torch.cat(labels)
@@ -350,14 +355,19 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
     random.seed(cfg.seed)
     traces = dumps if isinstance(dumps, TraceSet) else None
     if traces is None:
-        from .dataset import read_manifest
+        from .dataset import common_candidate_layers, read_manifest
         first = dumps if isinstance(dumps, (str, Path)) else dumps[0]
         manifest = read_manifest(first)
         params = manifest["params"]
         pop = Population(params["chunk_size"], cfg.page_size or params["page_size"],
                          params["sink_tokens"] if cfg.sink_tokens is None else cfg.sink_tokens,
                          params["tail_tokens"] if cfg.tail_tokens is None else cfg.tail_tokens)
-        layers = cfg.layers if cfg.layers is not None else default_layers(manifest)
+        if cfg.layers is not None:
+            layers = cfg.layers
+        else:  # decided from the manifests alone, among the layers every dump stored
+            manifest = {**manifest, "candidate_layers": common_candidate_layers(
+                [dumps] if isinstance(dumps, (str, Path)) else list(dumps))}
+            layers = default_layers(manifest)
         traces = TraceSet(dumps, layers=layers, population=pop)   # only the target layers are read
         cfg = TrainConfig(**{**asdict(cfg), "layers": list(layers)})
     elif cfg.layers is not None and cfg.layers != traces.layers:
