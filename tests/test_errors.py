@@ -95,3 +95,11 @@ def test_folder_that_is_not_a_causal_lm(tmp_path):
 def test_missing_prompt_file(capsys, tmp_path):
     code, _, err = cli(capsys, "generate", "--prompt-file", str(tmp_path / "missing.txt"))
     assert code == 2 and "prompt file not found" in err
+
+
+def test_damaged_dump_part_is_named(tmp_path):
+    from flashmemory.traces.dump import DumpError, dump_seconds
+
+    (tmp_path / "part-000000.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DumpError, match="part-000000.safetensors.*delete it and resume"):
+        dump_seconds(tmp_path)

@@ -120,10 +120,8 @@ def _build_default_dump(folder: str, quiet: bool = False) -> float:
     """Dump (or finish dumping) the default corpus with the recorded recipe; returns the backbone
     seconds spent on the whole dump (all runs of it, resumes included)."""
     from ..models.loader import load_backbone
-    from ..traces.dump import run_dump
+    from ..traces.dump import dump_seconds, run_dump
     from ..traces.recipe import DEFAULT_CORPUS, DEFAULT_DUMP, default_corpus
-
-    from ..traces.dump import dump_seconds
 
     backbone = load_backbone(None)
     summary = run_dump(backbone, default_corpus(), folder, DEFAULT_DUMP, corpus_spec=DEFAULT_CORPUS,

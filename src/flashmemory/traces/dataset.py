@@ -60,8 +60,12 @@ def _label_params(manifest: dict) -> dict:
 
 def common_candidate_layers(folders: list[str | Path]) -> list[int]:
     """The candidate layers stored by every dump (dumps may store different ones)."""
-    stored = [list(read_manifest(f)["candidate_layers"]) for f in folders]
-    return [x for x in stored[0] if all(x in c for c in stored[1:])]
+    return _common_layers([read_manifest(f) for f in folders])
+
+
+def _common_layers(manifests: list[dict]) -> list[int]:
+    first, rest = manifests[0]["candidate_layers"], [m["candidate_layers"] for m in manifests[1:]]
+    return [x for x in first if all(x in c for c in rest)]
 
 
 class TraceSet:
@@ -74,9 +78,9 @@ class TraceSet:
         folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
         if not folders:
             raise TraceError("no dump folders given")
-        self.manifest = read_manifest(folders[0])
-        for other in folders[1:]:
-            m = read_manifest(other)
+        manifests = [read_manifest(f) for f in folders]
+        self.manifest = manifests[0]
+        for other, m in zip(folders[1:], manifests[1:]):
             if m["backbone"]["fingerprint"] != self.manifest["backbone"]["fingerprint"]:
                 raise TraceError(f"{other} was dumped from another backbone than {folders[0]}")
             mine, theirs = _label_params(self.manifest), _label_params(m)
@@ -84,9 +88,8 @@ class TraceSet:
             if differ:
                 raise TraceError(f"{other} was dumped with other parameters than {folders[0]} "
                                  f"({', '.join(differ)}); their documents cannot be mixed")
-        stored = {str(f): list(read_manifest(f)["candidate_layers"]) for f in folders}
         params = self.manifest["params"]
-        self.candidates: list[int] = common_candidate_layers(folders)
+        self.candidates: list[int] = _common_layers(manifests)
         self.layers = list(layers) if layers is not None else list(self.candidates)
         missing = [x for x in self.layers if x not in self.candidates]
         if missing:
@@ -96,8 +99,8 @@ class TraceSet:
         self.population = population or Population(params["chunk_size"], params["page_size"],
                                                    params["sink_tokens"], params["tail_tokens"])
         self.docs: list[TraceDoc] = []
-        for folder in map(Path, folders):
-            rows = [stored[str(folder)].index(x) for x in self.layers]
+        for folder, m in zip(map(Path, folders), manifests):
+            rows = [m["candidate_layers"].index(x) for x in self.layers]   # a layer's row differs per dump
             for path in sorted(folder.glob("part-*.safetensors")):
                 try:
                     with safe_open(str(path), framework="pt") as f:

@@ -444,8 +444,11 @@ def dump_seconds(folder: str | os.PathLike) -> float:
 
     total = 0.0
     for path in Path(folder).glob("part-*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            total += float(json.loads(f.metadata()["doc"]).get("seconds", 0.0))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                total += float(json.loads(f.metadata()["doc"]).get("seconds", 0.0))
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise DumpError(f"cannot read {path}: {exc}; delete it and resume the dump") from None
     return total
 
 

@@ -72,9 +72,10 @@ def score_metrics(scores: list[torch.Tensor], labels: list[torch.Tensor], popula
         order = cand[torch.argsort(s[cand], descending=True, stable=True)] if n_pop else cand
         for k in ks:
             hits_k[k] += int(y[order[:k]].sum())
-        hits_b += int(y[order[:cap]].sum())
+        found = int(y[order[:cap]].sum())
+        hits_b += found
         m.golden += int(y_all.sum())
-        hits_res += int(y[order[:cap]].sum()) + int((y_all & ~pop).sum())
+        hits_res += found + int((y_all & ~pop).sum())   # forced chunks (sink, tail) are always resident
         if threshold is not None:
             above = torch.zeros_like(pop)
             above[cand] = s[cand] > threshold

@@ -356,8 +356,8 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
     traces = dumps if isinstance(dumps, TraceSet) else None
     if traces is None:
         from .dataset import common_candidate_layers, read_manifest
-        first = dumps if isinstance(dumps, (str, Path)) else dumps[0]
-        manifest = read_manifest(first)
+        folders = [dumps] if isinstance(dumps, (str, Path)) else list(dumps)
+        manifest = read_manifest(folders[0])
         params = manifest["params"]
         pop = Population(params["chunk_size"], cfg.page_size or params["page_size"],
                          params["sink_tokens"] if cfg.sink_tokens is None else cfg.sink_tokens,
@@ -365,10 +365,8 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
         if cfg.layers is not None:
             layers = cfg.layers
         else:  # decided from the manifests alone, among the layers every dump stored
-            manifest = {**manifest, "candidate_layers": common_candidate_layers(
-                [dumps] if isinstance(dumps, (str, Path)) else list(dumps))}
-            layers = default_layers(manifest)
-        traces = TraceSet(dumps, layers=layers, population=pop)   # only the target layers are read
+            layers = default_layers({**manifest, "candidate_layers": common_candidate_layers(folders)})
+        traces = TraceSet(folders, layers=layers, population=pop)   # only the target layers are read
         cfg = TrainConfig(**{**asdict(cfg), "layers": list(layers)})
     elif cfg.layers is not None and cfg.layers != traces.layers:
         raise TrainError(f"the TraceSet was loaded with layers {traces.layers}, the config asks for {cfg.layers}")
