@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.12)
     p.add_argument("--policies", default="lsa,quest")
     p.add_argument("--per-layer", default=None, metavar="DUMP", help="rank per candidate layer of this dump")
+    p.add_argument("--q-rank", type=int, default=64, help="--per-layer: rank of the query projection kept")
     args = p.parse_args()
 
     backbone = load_backbone(None)
@@ -54,7 +55,7 @@ def main() -> None:
     pre = engine.prefill(ids, max_new_tokens=sample.max_new_tokens + config.tau)
     if args.per_layer:
         print("  needle rank (chunks scoring higher, sink and tail excluded) per layer:",
-              per_layer_ranks(engine, pre, args.per_layer, chunk))
+              per_layer_ranks(engine, pre, args.per_layer, chunk, args.q_rank))
     for name in args.policies.split(","):
         policy = make_policy("lsa", checkpoint=name) if name.startswith(("/", ".")) else make_policy(name)
         score = policy.score
@@ -72,7 +73,7 @@ def main() -> None:
         print(f"  {name}: {result.text.strip()[:60]!r} (resident max {100 * result.report.resident_fraction_max:.1f}%)")
 
 
-def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int) -> dict[int, int]:
+def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int, q_rank: int = 64) -> dict[int, int]:
     from flashmemory.indexer.keystore import ChunkKeyStore
     from flashmemory.policies.lsa import LSAPolicy
     from flashmemory.traces.dataset import TraceSet
@@ -80,7 +81,7 @@ def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int) -> dict[int, 
 
     traces = TraceSet(dump)
     layers = traces.layers
-    indexer = build_indexer(traces, TrainConfig(layers=layers))
+    indexer = build_indexer(traces, TrainConfig(layers=layers, q_rank=q_rank))
     init_from_backbone(indexer, traces, list(range(min(10, len(traces.docs)))), 0.05)
     with torch.no_grad():
         for r in indexer.retrievers.values():

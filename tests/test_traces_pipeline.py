@@ -12,6 +12,7 @@ What is proven here:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -91,6 +92,20 @@ def test_training_loss_falls_and_recall_beats_quest(trained):
     assert v.positives > 0
     assert v.recall_at_budget > q.recall_at_budget
     assert v.recall_at_k[4] > q.recall_at_k[4]
+
+
+def test_distance_buckets_beyond_the_training_documents_take_the_farthest_trained_bias(trained, small_dump):
+    # the documents are ~1K tokens (<= 34 chunks back, bucket 5): farther buckets saw no chunk
+    # and must not keep an untrained bias that would penalise (or favour) distant chunks
+    last = trained.distance_buckets_trained
+    traces = TraceSet(small_dump[0], layers=trained.indexer.layers)
+    reach = max(int(d.positions.max()) // traces.population.chunk_size for d in traces.docs)
+    assert last is not None and 2 <= last <= math.floor(math.log2(reach))
+    for r in trained.indexer.retrievers.values():
+        far = r.distance_bias[last + 1:]
+        assert far.numel() > 0 and torch.all(far == r.distance_bias[last])
+        assert r.distance_bias[last] != 0  # trained, not the initial value
+    assert trained.summary()["distance_buckets_trained"] == last
 
 
 def test_trained_checkpoint_drives_the_lsa_policy(trained, backbone, tmp_path, essays):

@@ -60,6 +60,7 @@ class TrainConfig:
     sink_tokens: int | None = None    # population overrides (None: the dump's)
     tail_tokens: int | None = None
     page_size: int | None = None
+    extend_distance_prior: bool = True  # far buckets the data never reached take the farthest trained bias
     threads: int | None = 1           # torch threads while training (this model is small: 1 beats 2 on a busy CPU)
 
     def __post_init__(self) -> None:
@@ -99,11 +100,13 @@ class TrainResult:
     world_size: int = 1
     ranks_in_sync: bool | None = None   # DDP: every rank held identical weights after the last step
     calibration_shift: float = 0.0      # bias shift that makes 0.5 the F1-best threshold on validation
+    distance_buckets_trained: int | None = None  # farther buckets took this one's bias (extend_distance_prior)
 
     def summary(self) -> dict:
         return {"min_layers": self.min_layers, "seconds": round(self.seconds, 2), "epochs_run": self.epochs_run,
                 "train_anchors": self.train_anchors, "val_anchors": self.val_anchors, "world_size": self.world_size,
                 "ranks_in_sync": self.ranks_in_sync, "calibration_shift": self.calibration_shift,
+                "distance_buckets_trained": self.distance_buckets_trained,
                 "parameters": self.indexer.parameter_count(), "layers": self.indexer.layers,
                 "train_loss_first": self.history[0]["train_loss"] if self.history else None,
                 "train_loss_last": self.history[-1]["train_loss"] if self.history else None,
@@ -333,6 +336,33 @@ def init_from_backbone(indexer: NeuralIndexer, traces: TraceSet, docs: list[int]
         ret.bias.fill_(math.log(rate / (1 - rate)) - alpha * float(raw.mean()))
 
 
+def extend_distance_prior(indexer: NeuralIndexer, traces: TraceSet, docs: list[int],
+                          min_share: float = 0.01) -> int | None:
+    """Give distance buckets the training data barely reached the bias of the farthest one it did.
+
+    A bucket holding under `min_share` of the training population's chunks learned little or
+    nothing (its bias stays near 0 or is fit to a handful of chunks), while trained buckets sit
+    near +1: left as is, every chunk farther back than the training documents were long would
+    be penalised at inference (on 4K training documents that is the whole first half of an 8K
+    context). Returns the last trained bucket (None when the indexer has no distance prior).
+    """
+    n_buckets = indexer.cfg.distance_buckets
+    if not n_buckets:
+        return None
+    retriever = next(iter(indexer.retrievers.values()))
+    counts = torch.zeros(n_buckets)
+    for d in docs:
+        doc = traces.docs[d]
+        buckets = retriever.buckets(doc.positions, doc.n_chunks)
+        counts += torch.bincount(buckets[doc.population], minlength=n_buckets).float()
+    trained = torch.nonzero(counts >= min_share * counts.sum().clamp_min(1)).flatten()
+    last = int(trained.max()) if trained.numel() else 0
+    with torch.no_grad():
+        for r in indexer.retrievers.values():
+            r.distance_bias[last + 1:] = r.distance_bias[last]
+    return last
+
+
 def train_indexer(dumps: list[str | Path] | str | Path | TraceSet, cfg: TrainConfig | None = None,
                   progress: bool = False, log=print) -> TrainResult:
     """Train on the dump(s); returns the best-on-validation indexer and its metrics (rank 0 in DDP)."""
@@ -473,6 +503,8 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
         for p in indexer.parameters():
             dist.broadcast(p.data, 0)
     indexer.eval()
+    if cfg.extend_distance_prior:
+        result.distance_buckets_trained = extend_distance_prior(indexer, traces, train_docs)
     result.calibration_shift = calibrate_threshold(indexer, traces, val_docs or train_docs, min_layers)
     if val_docs:
         result.val = evaluate(indexer, traces, val_docs, min_layers, cfg.budget, cfg.ks)
