@@ -74,6 +74,8 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a positive integer, got {v!r}")
         if self.ensemble not in ("max", "mean"):
             raise TrainError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
+        if not isinstance(self.extend_distance_prior, bool):
+            raise TrainError(f"extend_distance_prior must be True or False, got {self.extend_distance_prior!r}")
         if not (self.lr > 0 and self.gamma >= 0 and self.weight_decay >= 0):
             raise TrainError("lr must be positive; gamma and weight_decay non-negative")
         if not 0.0 <= self.val_fraction < 1.0:
