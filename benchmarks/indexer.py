@@ -45,7 +45,9 @@ def part_recall(args) -> dict:
     meta_layers = indexer.layers
     spec = {"generator": "synthetic", "n_docs": args.heldout_docs, "seed": 4242, "min_tokens": 6144,
             "max_tokens": 7168}  # the generator sizes by characters: leave room under 8K
-    cfg = DumpConfig(**{**DEFAULT_DUMP.__dict__, "quest_baseline": True, "candidate_layers": meta_layers})
+    # keys at the resolution the indexer scores with at run time (its key store), not its training dump's
+    cfg = DumpConfig(**{**DEFAULT_DUMP.__dict__, "quest_baseline": True, "candidate_layers": meta_layers,
+                        "key_block": indexer.cfg.fine_key_block or indexer.cfg.key_block})
     start = time.perf_counter()
     backbone = load_backbone(None)
     corpus = synthetic_corpus(spec["n_docs"], spec["seed"], spec["min_tokens"], spec["max_tokens"])

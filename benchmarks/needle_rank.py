@@ -2,6 +2,7 @@
 
     python benchmarks/needle_rank.py --task niah_multikey_1 --length 8192 --index 0
     python benchmarks/needle_rank.py --policies lsa,quest,/path/to/other-indexer
+    python benchmarks/needle_rank.py --task niah_multikey_1 --index 1 --policies lsa --fine-key-blocks 8,2
 
 One prefill, then for every policy: at each cycle, the chunk that holds the answer, its score
 and how many chunks score higher, the policy's top 10 chunks, and the generated answer.
@@ -36,6 +37,9 @@ def main() -> None:
     p.add_argument("--policies", default="lsa,quest")
     p.add_argument("--per-layer", default=None, metavar="DUMP", help="rank per candidate layer of this dump")
     p.add_argument("--q-rank", type=int, default=64, help="--per-layer: rank of the query projection kept")
+    p.add_argument("--fine-key-blocks", default=None, metavar="K1,K2",
+                   help="run every lsa policy once per run-time key resolution (tokens per stored key; "
+                        "the trained key_block itself scores one resolution only)")
     args = p.parse_args()
 
     backbone = load_backbone(None)
@@ -56,8 +60,14 @@ def main() -> None:
     if args.per_layer:
         print("  needle rank (chunks scoring higher, sink and tail excluded) per layer:",
               per_layer_ranks(engine, pre, args.per_layer, chunk, args.q_rank))
+    runs = []
     for name in args.policies.split(","):
-        policy = make_policy("lsa", checkpoint=name) if name.startswith(("/", ".")) else make_policy(name)
+        lsa = name == "lsa" or name.startswith(("/", "."))
+        checkpoint = name if name.startswith(("/", ".")) else None
+        for kb in ([int(k) for k in args.fine_key_blocks.split(",")] if args.fine_key_blocks and lsa else [None]):
+            policy = make_policy("lsa", checkpoint=checkpoint, fine_key_block=kb) if lsa else make_policy(name)
+            runs.append((name if kb is None else f"{name}@fine_key_block={kb}", policy))
+    for name, policy in runs:
         score = policy.score
 
         def probe(ctx, score=score, name=name):
@@ -65,7 +75,8 @@ def main() -> None:
             f = s.float()
             top = torch.argsort(f, descending=True)[:10].tolist()
             print(f"  {name} cycle {ctx.cycle}: answer chunk score {float(f[chunk]):.3f}, "
-                  f"{int((f > f[chunk]).sum())} chunks higher; top 10 {top}")
+                  f"{int((f > f[chunk]).sum())} chunks higher (the chunk before it: {float(f[chunk - 1]):.3f}, "
+                  f"{int((f > f[chunk - 1]).sum())} higher); top 10 {top}")
             return s
 
         policy.score = probe

@@ -40,6 +40,20 @@ def test_help_lists_the_options(capsys):
         assert option in out
 
 
+def test_help_states_each_default_once(capsys):
+    for command in ("generate", "eval", "dump", "train", "layers"):
+        try:
+            main([command, "--help"])
+        except SystemExit:
+            pass
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in out, command  # a default the help already explains
+        if command == "train":
+            assert "learning rate (default: 0.002)" in out and "(default: 0)" in out
+        if command == "eval":
+            assert "(default 4096)" in out and "(default: 0.12)" in out
+
+
 def test_an_output_path_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -81,6 +81,12 @@ def test_full_answers_and_sparse_policies_stay_in_budget(first):
         assert row["recalls"] > 0 and row["decode_ms_per_token"] > 0
         assert rows[("average", policy, 0.02)]["accuracy"] is None
         assert rows[("average", policy, 0.02)]["errors"] == 4
+    # quest's per-chunk key min/max is measured: 2 fp32 keys per 32-token chunk and layer against a
+    # key and a value per token (1/32 of the cache in fp32, 1/16 against a 16-bit cache)
+    quest = rows[("average", "quest", 0.4)]
+    assert 0.02 < quest["index_bytes_mean"] / quest["full_kv_bytes_mean"] < 0.07
+    assert rows[("average", "recency", 0.4)]["index_bytes_mean"] == 0
+    assert rows[("average", "full", 1.0)]["index_bytes_mean"] == 0
 
 
 def test_rerun_reuses_every_cached_result(engine, first):
@@ -149,8 +155,11 @@ def test_cli_eval(tmp_path, capsys):
     assert "flashmemory: error:" in err and "lsa" in err
 
 
-def test_cached_results_are_keyed_by_the_indexer_weights():
-    # a retrained checkpoint at the same path (or a new shipped default) must not reuse old results
+def test_cached_results_are_keyed_by_the_indexer_weights_and_config():
+    # a retrained checkpoint at the same path (or a new shipped default) must not reuse old results,
+    # nor may the same weights scoring at another key resolution
+    import copy
+
     import torch
 
     from flashmemory.eval.harness import policy_identity
@@ -163,4 +172,6 @@ def test_cached_results_are_keyed_by_the_indexer_weights():
     ident_a = policy_identity(LSAPolicy(checkpoint=a), {})
     assert ident_a == policy_identity(LSAPolicy(checkpoint=a), {})
     assert ident_a != policy_identity(LSAPolicy(checkpoint=b), {})
+    finer = policy_identity(LSAPolicy(checkpoint=copy.deepcopy(a), fine_key_block=2), {})
+    assert finer["weights"] == ident_a["weights"] and finer != ident_a
     assert policy_identity(make_policy("quest"), {}) == {}

@@ -111,7 +111,9 @@ def test_shipped_default_is_small_and_bound_to_the_default_backbone():
 
     meta = read_meta(DEFAULT_DIR)
     size = (DEFAULT_DIR / "indexer.safetensors").stat().st_size
-    assert size == meta["weights_bytes"] < 4 * 2**20
+    backbone = sum(f.stat().st_size for f in default_model_dir().glob("*.safetensors"))
+    # fp16 indexer against 16-bit backbone weights: a few percent (3% today, mostly the frozen queries)
+    assert size == meta["weights_bytes"] < 0.05 * backbone
     fp = fingerprint(AutoConfig.from_pretrained(default_model_dir()))
     assert meta["config"]["fingerprint"] == fp
     assert default_checkpoint(fp) == DEFAULT_DIR

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from flashmemory import LSAConfig, LSAEngine
+from flashmemory.policies import make_policy
 
 BUDGET = 0.15
 KEY, VALUE = "velvet-orchard", "7394052"
@@ -37,11 +38,20 @@ def prefilled(request, backbone, essays):
 
 def test_lsa_answers_with_at_most_15_percent_resident(prefilled):
     engine, pre = prefilled
-    result = engine.decode(pre, "lsa", 16)
+    policy = make_policy("lsa")
+    result = engine.decode(pre, policy, 16)
     assert VALUE in result.text
-    assert result.report.policy == "lsa"
-    assert 0 < result.report.resident_fraction_max <= BUDGET
-    assert result.report.device_kv_bytes_peak <= BUDGET * result.report.full_kv_bytes
+    report = result.report
+    assert report.policy == "lsa"
+    assert 0 < report.resident_fraction_max <= BUDGET
+    assert report.device_kv_bytes_peak <= BUDGET * report.full_kv_bytes
+    # the key store is reported apart from the KV: one fp16 key per fine_key_block tokens of every
+    # complete chunk at each target layer, a few percent of the cache
+    cfg, store = policy.indexer.cfg, policy.store
+    n_keys = (len(pre.prompt_ids) // cfg.chunk_size) * (cfg.chunk_size // (cfg.fine_key_block or cfg.key_block))
+    assert store.keys().shape == (len(cfg.layers), n_keys, cfg.key_dim)
+    assert report.index_bytes == len(cfg.layers) * n_keys * cfg.key_dim * 2
+    assert report.index_bytes < 0.05 * report.full_kv_bytes
 
 
 @pytest.mark.parametrize("policy", ["recency", "random"])

@@ -30,7 +30,7 @@ from flashmemory.policies import make_policy
 from flashmemory.traces.corpus import file_corpus, synthetic_corpus
 from flashmemory.traces.dataset import TraceError, TraceSet
 from flashmemory.traces.dump import DumpConfig, DumpError, run_dump
-from flashmemory.traces.train import TrainConfig, train_indexer
+from flashmemory.traces.train import TrainConfig, TrainError, train_indexer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 LABEL_LAYERS = list(range(9, 30))
@@ -243,3 +243,24 @@ def test_dumps_with_different_candidate_layers_train_together(small_dump, backbo
              DumpConfig(**{**cfg.__dict__, "top_p": 0.5}), corpus_spec={"test": 1}, progress=False)
     with pytest.raises(TraceError, match=r"other parameters .*\(top_p\)"):
         TraceSet([folder, mismatched])
+
+
+def test_fine_key_block_adds_a_run_time_key_resolution(small_dump):
+    folder, _ = small_dump
+    with pytest.raises(TrainError, match="fine_key_block must be a positive integer"):
+        TrainConfig(fine_key_block=0)
+    with pytest.raises(TrainError, match="must divide the dump's key_block"):
+        train_indexer(folder, TrainConfig(layers=[16], epochs=1, patience=1, fine_key_block=3))
+    result = train_indexer(folder, TrainConfig(layers=[16], epochs=1, patience=1, fine_key_block=2))
+    ix = result.indexer
+    # trained (and validated) on the dump's 8-token keys; at run time 2-token keys score too
+    assert ix.cfg.extra["dump_params"]["key_block"] == ix.cfg.key_block == 8
+    assert ix.cfg.fine_key_block == 2
+    torch.manual_seed(0)
+    fine = torch.randn(1, 3 * 16, 192)          # 3 chunks of 16 two-token keys
+    coarse = fine.reshape(1, 3 * 4, 4, 192).mean(2)
+    h, pos = torch.randn(1, 1, 576), torch.tensor([200])
+    both = ix(h, fine, pos, key_block=2)
+    alone = [ix.ensemble(ix.layer_logits(h, k, pos, b)) for k, b in ((fine, 2), (coarse, 8))]
+    torch.testing.assert_close(both, torch.maximum(*alone))   # the better of the two resolutions
+    torch.testing.assert_close(ix(h, coarse, pos), alone[1])  # trained resolution alone

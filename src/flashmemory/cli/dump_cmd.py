@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from .errors import USER_ERRORS, fail
+from .errors import HelpFormatter, USER_ERRORS, fail
 
 
 def register(sub) -> None:
@@ -15,7 +14,7 @@ def register(sub) -> None:
                     "inputs at the candidate layers, the compressed key of every chunk and golden labels from the "
                     "backbone's real attention. Output: OUT/part-*.safetensors plus OUT/manifest.json. Re-running "
                     "the same command resumes; --shard i/N splits the documents across processes or machines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="dump folder (created; an existing dump with the same settings resumes)")
     p.add_argument("--model", default=None, help="local Hugging Face model folder; default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--synthetic", type=int, default=None,

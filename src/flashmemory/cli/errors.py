@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..config import ConfigError
@@ -18,3 +19,14 @@ USER_ERRORS = (ConfigError, BackboneError, BudgetError, ContextLengthError, Prom
 def fail(message: str) -> int:
     print(f"flashmemory: error: {message}", file=sys.stderr)
     return 2
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not state a default itself and X says something
+    (None and False defaults stay silent: the help explains what leaving the option out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import USER_ERRORS, fail
+from .errors import HelpFormatter, USER_ERRORS, fail
 
 DEFAULT_POLICIES = "full,lsa,recency,random,quest"
 DEFAULT_SWEEP = "0.06,0.09,0.12,0.18,0.25"
@@ -20,7 +20,7 @@ def register(sub) -> None:
         description="Evaluate policies side by side. Each sample is prefilled once and decoded by every policy; "
                     "results are appended to OUT/results.jsonl as they finish, so an interrupted run resumes. "
                     "Writes OUT/report.md (Table 1), OUT/report.json and OUT/accuracy_vs_resident.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--tasks", default=None,
                    help="comma list of tasks or groups: ruler, niah, single, niah_single_1..3, niah_multikey_1..3, "
                         "niah_multivalue, niah_multiquery, vt, cwe, fwe, longbench_v2[_short|_medium|_long], "

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .errors import USER_ERRORS, fail
+from .errors import HelpFormatter, USER_ERRORS, fail
 
 # The learned indexer ships for the default backbone; other backbones pass --indexer (or pick quest).
 DEFAULT_POLICY = "lsa"
@@ -18,7 +17,7 @@ def register(sub) -> None:
         "generate", help="generate from a prompt file with a tiered KV cache",
         description="Greedy generation with Lookahead Sparse Attention. The whole KV history lives in host "
                     "memory; every --tau decode steps the policy picks which chunks are resident on the device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--prompt-file", required=True, type=Path, help="UTF-8 text file with the prompt ('-' for stdin)")
     p.add_argument("--model", default=None,
                    help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3); default: embedded SmolLM2-135M-Instruct")
@@ -92,6 +91,8 @@ def run(args) -> int:
     print(f"resident KV: mean {100 * r.resident_fraction_mean:.1f}% / max {100 * r.resident_fraction_max:.1f}% of the history")
     print(f"device KV peak {_human(r.device_kv_bytes_peak)} (reserve {_human(r.device_kv_bytes_reserved)}), "
           f"host mirror {_human(r.host_kv_bytes_peak)}, full cache {_human(r.full_kv_bytes)}")
+    if r.index_bytes:
+        print(f"chunk index ({r.policy}): {_human(r.index_bytes)}, {100 * r.index_bytes / r.full_kv_bytes:.2f}% of the full cache")
     t = r.transfers
     print(f"transfers: {t['recalls']} recalls ({_human(t['recall_bytes'])}), {t['offloads']} offloads "
           f"({_human(t['offload_bytes'])})")

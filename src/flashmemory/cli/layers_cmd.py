@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from .errors import USER_ERRORS, fail
+from .errors import HelpFormatter, USER_ERRORS, fail
 
 
 def register(sub) -> None:
@@ -15,7 +14,7 @@ def register(sub) -> None:
         description="Train short indexers on single candidate layers, then grow the best sets one layer at a time "
                     "(beam search). Prints every run, the Pareto front and the chosen set: the smallest one within "
                     "--tolerance of the best recall. Needs a dump made with those candidate layers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--dump", nargs="+", required=True, help="dump folder(s)")
     p.add_argument("--candidates", default="all", help="candidate layers (all: the dump's), e.g. 3-27 or 6,9,12")
     p.add_argument("--max-layers", type=int, default=3, help="largest set size to try")

@@ -6,11 +6,10 @@ The shipped default: `flashmemory train --build-default` (dump + train with the 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from .errors import USER_ERRORS, fail
+from .errors import HelpFormatter, USER_ERRORS, fail
 
 
 def register(sub) -> None:
@@ -19,7 +18,7 @@ def register(sub) -> None:
         description="Train the indexer on the tensors of one or more dumps; the backbone is never loaded. Writes "
                     "OUT/indexer.safetensors and OUT/indexer.json, bound to the dump's backbone fingerprint. Under "
                     "torchrun the processes train one model with DDP. --build-default reproduces the shipped indexer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--dump", nargs="+", default=None, help="dump folder(s) from `flashmemory dump`")
     p.add_argument("--out", default=None, help="checkpoint folder to write")
     p.add_argument("--layers", default=None, help="target layers, e.g. 10,15,20 (default: the dump's recommendation)")
@@ -37,13 +36,16 @@ def register(sub) -> None:
     p.add_argument("--neg-ratio", type=float, default=3.0, help="sampled negatives per positive (<= 0: all negatives)")
     p.add_argument("--vote-weighting", action="store_true", help="weight positives by their number of votes")
     p.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=64, help="anchors per step")
+    p.add_argument("--epochs", type=int, default=60, help="passes over the training anchors")
     p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without validation improvement")
     p.add_argument("--val-fraction", type=float, default=0.15, help="documents held out for validation")
+    p.add_argument("--fine-key-block", type=int, default=None,
+                   help="run time: also score keys of this many tokens (a divisor of the dump's key_block), "
+                        "best of both resolutions (default: the dump's resolution only)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; keep the best model when exceeded")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, initialisation and batch order")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16: half the size)")
     p.add_argument("--build-default", action="store_true",
                    help="dump the built-in corpus with the shipped recipe (resumable) and train the default indexer")
@@ -82,7 +84,8 @@ def run(args) -> int:
                               ensemble=args.ensemble, min_layers=args.min_layers, neg_ratio=args.neg_ratio,
                               vote_weighting=args.vote_weighting, gamma=args.gamma, lr=args.lr,
                               batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-                              val_fraction=args.val_fraction, time_limit=args.time_limit, seed=args.seed)
+                              val_fraction=args.val_fraction, time_limit=args.time_limit, seed=args.seed,
+                              fine_key_block=args.fine_key_block)
         result = train_indexer(dumps, cfg, progress=not args.quiet and rank == 0)
         if rank == 0:
             dtype = torch.float32 if args.fp32 else torch.float16

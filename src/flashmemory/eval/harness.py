@@ -151,8 +151,9 @@ def _record_key(fingerprint: str, sample: Sample, policy: str, identity: dict, c
 
 def policy_identity(policy, kwargs: dict) -> dict:
     """What a cached result depends on besides the sample and config: the policy's options and,
-    for a learned policy, a digest of its weights (a retrained checkpoint at the same path, or
-    a new shipped default, must not reuse old results)."""
+    for a learned policy, a digest of its weights and of its configuration (a retrained checkpoint
+    at the same path, a new shipped default, or the same weights scoring another key resolution
+    must not reuse old results)."""
     ident = {k: str(v) for k, v in kwargs.items()}
     model = getattr(policy, "indexer", None)
     if isinstance(model, torch.nn.Module):
@@ -161,6 +162,10 @@ def policy_identity(policy, kwargs: dict) -> dict:
             h.update(name.encode())
             h.update(tensor.detach().cpu().float().numpy().tobytes())
         ident["weights"] = h.hexdigest()[:16]
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None:  # provenance ("extra") does not change what the indexer computes
+            settings = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+            ident["indexer_config"] = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return ident
 
 
@@ -195,7 +200,7 @@ class ResultStore:
 _REPORT_FIELDS = ("prompt_tokens", "new_tokens", "cycles", "resident_fraction_mean", "resident_fraction_max",
                   "resident_fraction_per_cycle", "device_kv_bytes_peak", "device_kv_bytes_reserved",
                   "host_kv_bytes_peak", "full_kv_bytes", "transfers", "prefill_seconds", "decode_seconds",
-                  "decode_ms_per_token")
+                  "decode_ms_per_token", "index_bytes")
 
 
 @dataclass

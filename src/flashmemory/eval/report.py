@@ -28,6 +28,8 @@ def _row(task: str, policy: str, budget: float, recs: list[dict]) -> dict:
         "device_kv_bytes_mean": _mean([rep["device_kv_bytes_peak"] for rep in reports]),
         "device_kv_bytes_max": max((rep["device_kv_bytes_peak"] for rep in reports), default=None),
         "full_kv_bytes_mean": _mean([rep["full_kv_bytes"] for rep in reports]),
+        # records cached before the index was measured have no figure
+        "index_bytes_mean": _mean([rep["index_bytes"] for rep in reports if "index_bytes" in rep]),
         "decode_ms_per_token": _mean([rep["decode_ms_per_token"] for rep in reports]),
         "recalls": _mean([t.get("recalls", 0) for t in tr]),
         "recall_bytes": _mean([t.get("recall_bytes", 0) for t in tr]),
@@ -52,7 +54,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "error_messages": sorted({m for r in task_rows for m in r["error_messages"]})}
         ok = [r for r in task_rows if r["accuracy"] is not None]
         # macro average over tasks (as RULER reports), only over tasks where the policy ran
-        for k in ("accuracy", "resident_fraction_mean", "device_kv_bytes_mean", "full_kv_bytes_mean",
+        for k in ("accuracy", "resident_fraction_mean", "device_kv_bytes_mean", "full_kv_bytes_mean", "index_bytes_mean",
                   "decode_ms_per_token", "recalls", "recall_bytes", "offloads", "offload_bytes", "prefill_seconds"):
             avg[k] = _mean([r[k] for r in ok if r[k] is not None])
         for k in ("resident_fraction_max", "device_kv_bytes_max"):
@@ -122,8 +124,8 @@ def to_markdown(run: EvalRun, rows: list[dict]) -> str:
         lines += ["", "`*`: some samples failed for this policy (see Failures); accuracy is over the samples that ran."]
     lines += ["", "## Details", "",
               "| task | policy | budget | n | accuracy | resident mean | resident max | device KV mean | "
-              "device KV max | full KV | decode ms/tok | recalls | recalled | offloads | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "device KV max | full KV | index | decode ms/tok | recalls | recalled | offloads | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         for p, b in runs:
             r = cell.get((t, p, b))
@@ -132,7 +134,7 @@ def to_markdown(run: EvalRun, rows: list[dict]) -> str:
             lines.append(
                 f"| {t} | {p} | {b:g} | {r['samples']} | {_num(r['accuracy'])} | {_pct(r['resident_fraction_mean'])} | "
                 f"{_pct(r['resident_fraction_max'])} | {_bytes(r['device_kv_bytes_mean'])} | "
-                f"{_bytes(r['device_kv_bytes_max'])} | {_bytes(r['full_kv_bytes_mean'])} | "
+                f"{_bytes(r['device_kv_bytes_max'])} | {_bytes(r['full_kv_bytes_mean'])} | {_bytes(r['index_bytes_mean'])} | "
                 f"{_num(r['decode_ms_per_token'], '{:.0f}')} | {_num(r['recalls'])} | {_bytes(r['recall_bytes'])} | "
                 f"{_num(r['offloads'])} | {r['errors']} |")
     errors = sorted({(r["policy"], r["budget"], m) for r in rows for m in r["error_messages"]})
@@ -142,7 +144,8 @@ def to_markdown(run: EvalRun, rows: list[dict]) -> str:
     prefill = [r["prefill_seconds"] for r in rows if r["task"] == AVERAGE and r["prefill_seconds"] is not None]
     lines += ["", f"Mean prefill {prefill[0]:.1f} s per sample (shared by all policies)." if prefill else "",
               "Resident fraction: device KV tokens / history tokens (sink, tail and the current cycle included), "
-              "mean over cycles, then over samples; max over both. Transfers are per sample."]
+              "mean over cycles, then over samples; max over both. Transfers are per sample. "
+              "Index: the policy's own per-chunk metadata (lsa's key store, quest's key min/max), not counted as KV."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,9 +6,9 @@ tokens per KV head, the KV heads concatenated ([kv_heads * head_dim]); a chunk h
 chunk_size / key_block of them (measured on SmolLM2: a needle's chunk ranks near the top
 with 8-token blocks under the backbone's own queries, and near the bottom with one mean over
 32 tokens). Only complete chunks have keys; the unfinished chunk is in the always-resident
-open region anyway. Keys are computed once per chunk and kept (the history only grows),
-optionally as fp8 (e4m3) values plus one fp32 scale per key: 4 + key_dim bytes each
-instead of 4 * key_dim.
+open region anyway. Keys are computed once per chunk and kept (the history only grows) in fp16, as the
+trace dump stores them for training (2 * key_dim bytes each), or optionally as fp8 (e4m3)
+values plus one fp32 scale per key (4 + key_dim bytes).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ChunkKeyStore:
     def reset(self) -> None:
         """Forget all chunks (a new sequence)."""
         self.n_chunks = 0
-        dtype = torch.float8_e4m3fn if self.fp8 else torch.float32
+        dtype = torch.float8_e4m3fn if self.fp8 else torch.float16
         self._values = torch.empty(len(self.layers), 0, self.key_dim, dtype=dtype, device=self.device)
         self._scale = torch.empty(len(self.layers), 0, device=self.device) if self.fp8 else None
 
@@ -85,7 +85,7 @@ class ChunkKeyStore:
         if self.fp8:
             self._values[:, span], self._scale[:, span] = quantize_fp8(chunk_keys.float())
         else:
-            self._values[:, span] = chunk_keys.float()
+            self._values[:, span] = chunk_keys.half()
         self.n_chunks += n_new
 
     def extend_from_host(self, host_keys: torch.Tensor, length: int) -> None:
@@ -105,10 +105,11 @@ class ChunkKeyStore:
         rows = n * self.per_chunk
         if self.fp8:
             return dequantize_fp8(self._values[:, :rows], self._scale[:, :rows])
-        return self._values[:, :rows]
+        return self._values[:, :rows].float()
 
     @property
     def nbytes(self) -> int:
-        """Bytes used by the stored keys (values plus scales)."""
-        per = self.key_dim * self._values.element_size() + (4 if self.fp8 else 0)
-        return per * self.n_chunks * self.per_chunk * len(self.layers)
+        """Bytes of the stored keys (values plus fp8 scales), measured on the tensors' filled part."""
+        rows = self.n_chunks * self.per_chunk
+        used = [self._values[:, :rows]] + ([self._scale[:, :rows]] if self.fp8 else [])
+        return sum(t.numel() * t.element_size() for t in used)

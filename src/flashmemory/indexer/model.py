@@ -57,6 +57,7 @@ class IndexerConfig:
     spill: float | None = 0.0          # a chunk also takes its predecessor's logit + this offset (None: off)
     chunk_size: int = 32
     key_block: int = 8                 # tokens per compressed key (a chunk has chunk_size / key_block keys)
+    fine_key_block: int | None = None  # run time: also score finer keys (a divisor of key_block), best of both
     fingerprint: str | None = None     # backbone this indexer was trained for
     extra: dict = field(default_factory=dict)  # provenance (label parameters, metrics, ...)
 
@@ -73,6 +74,10 @@ class IndexerConfig:
             raise IndexerConfigError(f"layers must not repeat, got {self.layers!r}")
         if self.chunk_size % self.key_block:
             raise IndexerConfigError(f"chunk_size ({self.chunk_size}) must be a multiple of key_block ({self.key_block})")
+        if self.fine_key_block is not None and (isinstance(self.fine_key_block, bool) or not isinstance(
+                self.fine_key_block, int) or self.fine_key_block <= 0 or self.key_block % self.fine_key_block):
+            raise IndexerConfigError(f"fine_key_block must be a positive divisor of key_block ({self.key_block}), "
+                                     f"got {self.fine_key_block!r}")
         if self.key_dim % self.rope_dim:
             raise IndexerConfigError(f"key_dim ({self.key_dim}) must be a multiple of rope_dim ({self.rope_dim})")
         if self.inv_freq is not None and len(self.inv_freq) * 2 != self.rope_dim:
@@ -113,6 +118,13 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, blo
     return out.reshape(shape)
 
 
+def coarsen_keys(keys: torch.Tensor, factor: int) -> torch.Tensor:
+    """Block keys [..., n, key_dim] -> [..., n / factor, key_dim]: the mean of each run of `factor`
+    consecutive blocks (a mean of equal-size block means is the mean over the larger block)."""
+    *lead, n, d = keys.shape
+    return keys.reshape(*lead, n // factor, factor, d).mean(-2)
+
+
 class LayerRetriever(nn.Module):
     """The dual encoder of one target layer (parameter names follow the DeepSeek checkpoint)."""
 
@@ -145,9 +157,11 @@ class LayerRetriever(nn.Module):
         w = self.weights_proj(hidden) * (cfg.key_dim ** -0.5 * cfg.n_heads ** -0.5)
         return q, w
 
-    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                key_block: int | None = None) -> torch.Tensor:
         """Chunk logits [B, n] for hidden [B, d_model] against block keys [B, n * per, key_dim] or
-        shared [n * per, key_dim] (per = chunk_size / key_block keys per chunk, in order).
+        shared [n * per, key_dim] (per = chunk_size / key_block keys per chunk, in order;
+        key_block defaults to the trained one).
 
         Each block key is scored, and a chunk takes the best of its blocks: a fact a few
         tokens long keeps its own key instead of being averaged with a whole chunk.
@@ -158,7 +172,7 @@ class LayerRetriever(nn.Module):
             dots = torch.einsum("bhd,nd->bhn", q, keys)
         else:
             dots = torch.einsum("bhd,bnd->bhn", q, keys)
-        per = self.cfg.chunk_size // self.cfg.key_block
+        per = self.cfg.chunk_size // (key_block or self.cfg.key_block)
         if self.cfg.score == "relu":
             logits = torch.einsum("bh,bhn->bn", w, torch.relu(dots))
             logits = logits.reshape(logits.shape[0], -1, per).amax(-1) + self.bias
@@ -206,16 +220,18 @@ class NeuralIndexer(nn.Module):
     def layers(self) -> list[int]:
         return list(self.cfg.layers)
 
-    def layer_logits(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def layer_logits(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                     key_block: int | None = None) -> torch.Tensor:
         """Per-layer logits [L, B, n].
 
         hidden: [B, L, d_model] (the attention inputs at cfg.layers, in that order);
-        keys: [B, L, n, key_dim] or shared [L, n, key_dim]; positions: [B] query positions.
+        keys: [B, L, n * per, key_dim] or shared [L, n * per, key_dim] at `key_block` tokens per key
+        (default cfg.key_block); positions: [B] query positions.
         """
         out = []
         for i, layer in enumerate(self.cfg.layers):
             k = keys[i] if keys.dim() == 3 else keys[:, i]
-            out.append(self.retrievers[f"l{layer}"](hidden[:, i], k, positions))
+            out.append(self.retrievers[f"l{layer}"](hidden[:, i], k, positions, key_block))
         return torch.stack(out)
 
     def ensemble(self, layer_logits: torch.Tensor) -> torch.Tensor:
@@ -223,9 +239,24 @@ class NeuralIndexer(nn.Module):
         probs = torch.sigmoid(layer_logits)
         return probs.amax(0) if self.cfg.ensemble == "max" else probs.mean(0)
 
-    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Ensembled probabilities [B, n] that each chunk is needed in the next tau steps."""
-        return self.ensemble(self.layer_logits(hidden, keys, positions))
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                key_block: int | None = None) -> torch.Tensor:
+        """Ensembled probabilities [B, n] that each chunk is needed in the next tau steps.
+
+        Keys finer than the trained resolution (`key_block` a divisor of cfg.key_block) are scored
+        twice: as given, and averaged back to the trained resolution; a chunk takes the better
+        probability. Fine keys catch a match on one or two tokens (a number after "is:") that an
+        8-token mean blurs; the trained resolution keeps a phrase-level match that the max over
+        many fine blocks can bury in noise.
+        """
+        kb = key_block or self.cfg.key_block
+        if self.cfg.key_block % kb:
+            raise ValueError(f"keys of {kb} tokens cannot be averaged to the trained {self.cfg.key_block}")
+        probs = self.ensemble(self.layer_logits(hidden, keys, positions, kb))
+        if kb != self.cfg.key_block:
+            coarse = coarsen_keys(keys, self.cfg.key_block // kb)
+            probs = torch.maximum(probs, self.ensemble(self.layer_logits(hidden, coarse, positions)))
+        return probs
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -61,6 +61,11 @@ class SelectionPolicy:
         """One score per selectable chunk, shape [ctx.n_chunks]."""
         raise NotImplementedError
 
+    def index_bytes(self) -> int:
+        """Bytes of the per-sequence chunk index this policy keeps (its own metadata, not KV):
+        measured from the tensors it holds now. Policies without an index keep none."""
+        return 0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -3,9 +3,10 @@
 Inputs are what decoding already produced, so there is no second forward pass:
   - query side: the attention input of the last decoded token at each target layer
     (`ctx.recorder.hidden(layer)[-1]`, kept by the runtime's hooks);
-  - key side: the compressed key of every complete chunk, computed from the host mirror's
-    post-RoPE keys the first time the chunk is complete and cached across cycles
-    (`ChunkKeyStore`, optionally fp8), so a cycle only compresses the chunks that are new.
+  - key side: the compressed keys of every complete chunk (at the indexer's fine run-time
+    resolution when it has one), computed from the host mirror's post-RoPE keys the first time the
+    chunk is complete and cached across cycles (`ChunkKeyStore`, fp16 or fp8), so a cycle only
+    compresses the chunks that are new.
 Chunks whose probability exceeds config.threshold (0.5) are wanted; `choose_pages` adds the
 sink and the recency tail and caps the pages at the budget / KMAX, densest pages first.
 """
@@ -40,6 +41,10 @@ class LSAPolicy(SelectionPolicy):
     for the backbone being decoded (an error names what to do if there is none).
     fp8_keys: keep the per-chunk key store as fp8 values + one fp32 scale per chunk.
     ensemble: override the checkpoint's cross-layer ensemble ("max" or "mean").
+    fine_key_block: override the checkpoint's run-time key resolution (tokens per stored key, a
+        divisor of the trained key_block; equal to it scores one resolution only). The store
+        keeps keys at this resolution; the indexer scores them and their means at the trained
+        resolution, best of both (docs/indexer.md, "Two key resolutions at run time").
     """
 
     name = "lsa"
@@ -47,12 +52,16 @@ class LSAPolicy(SelectionPolicy):
     needs_queries = True
 
     def __init__(self, checkpoint: str | os.PathLike | NeuralIndexer | None = None, fp8_keys: bool = False,
-                 ensemble: str | None = None):
+                 ensemble: str | None = None, fine_key_block: int | None = None):
         if ensemble not in (None, "max", "mean"):
             raise ValueError(f"ensemble must be 'max' or 'mean', got {ensemble!r}")
+        if fine_key_block is not None and (isinstance(fine_key_block, bool) or not isinstance(fine_key_block, int)
+                                           or fine_key_block <= 0):
+            raise ValueError(f"fine_key_block must be a positive integer, got {fine_key_block!r}")
         self.checkpoint = checkpoint
         self.fp8_keys = fp8_keys
         self.ensemble = ensemble
+        self.fine_key_block = fine_key_block
         self.indexer: NeuralIndexer | None = checkpoint if isinstance(checkpoint, NeuralIndexer) else None
         self._bound: str | None = None
         self.store: ChunkKeyStore | None = None
@@ -90,6 +99,11 @@ class LSAPolicy(SelectionPolicy):
     def _configure(self) -> None:
         if self.ensemble is not None:
             self.indexer.cfg.ensemble = self.ensemble
+        if self.fine_key_block is not None:
+            if self.indexer.cfg.key_block % self.fine_key_block:
+                raise CheckpointError(f"fine_key_block {self.fine_key_block} does not divide the indexer's key_block "
+                                      f"({self.indexer.cfg.key_block})")
+            self.indexer.cfg.fine_key_block = self.fine_key_block
         self.indexer.eval()
         self.store = None
 
@@ -109,16 +123,21 @@ class LSAPolicy(SelectionPolicy):
                                   f"chunk_size={ctx.config.chunk_size}; use the same chunk size")
         hidden = torch.stack([ctx.recorder.hidden(layer)[-1] for layer in cfg.layers])[None].float()
         device = hidden.device
-        if self.store is None or self.store.device != device:
+        key_block = cfg.fine_key_block or cfg.key_block
+        if self.store is None or self.store.device != device or self.store.key_block != key_block:
             self.store = ChunkKeyStore(cfg.layers, cfg.key_dim, cfg.chunk_size, fp8=self.fp8_keys, device=device,
-                                       key_block=cfg.key_block)
+                                       key_block=key_block)
             self.indexer.to(device)
         if self.store.n_chunks > ctx.length // cfg.chunk_size:
             self.store.reset()  # the history was rewound (same policy object, shorter sequence)
         self.store.extend_from_host(ctx.host_keys, ctx.length)
         keys = self.store.keys(ctx.n_chunks)
         position = torch.tensor([ctx.length - 1], device=device)  # the last decoded token
-        return self.indexer(hidden, keys, position)[0].cpu()
+        return self.indexer(hidden, keys, position, key_block)[0].cpu()
+
+    def index_bytes(self) -> int:
+        """The key store (the lightning index): compressed keys of every complete chunk."""
+        return 0 if self.store is None else self.store.nbytes
 
     def __repr__(self) -> str:
         return f"LSAPolicy(checkpoint={self.checkpoint!r})"

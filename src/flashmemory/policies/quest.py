@@ -37,6 +37,10 @@ class QuestPolicy(SelectionPolicy):
             self._kmax = kmax if self._kmax is None else torch.cat([self._kmax, kmax], 2)
         return self._kmin[:, :, :n], self._kmax[:, :, :n]
 
+    def index_bytes(self) -> int:
+        """Per-chunk key min/max of every layer (kept on the host here; the Quest paper keeps them on the GPU)."""
+        return sum(t.numel() * t.element_size() for t in (self._kmin, self._kmax) if t is not None)
+
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         kmin, kmax = self._metadata(ctx)
         queries = ctx.recorder.queries()  # per layer [1, heads, head_dim]

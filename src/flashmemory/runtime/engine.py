@@ -43,6 +43,7 @@ class GenerationReport:
     host_kv_bytes_reserved: int
     full_kv_bytes: int                 # a full cache of the final history
     prefill_device_kv_bytes_peak: int  # transient device KV of one dense layer during prefill
+    index_bytes: int                   # the policy's chunk index (lsa's key store, quest's min/max), measured
     transfers: dict
     transfer_steps: list[int]          # decode step of every transfer (all at cycle starts)
     prefill_seconds: float
@@ -223,6 +224,7 @@ class LSAEngine:
             device_kv_bytes_peak=mem.device_kv_bytes_peak, device_kv_bytes_reserved=mem.device_reserved_bytes,
             host_kv_bytes_peak=mem.host_kv_bytes_peak, host_kv_bytes_reserved=mem.host_reserved_bytes,
             full_kv_bytes=cache.full_kv_bytes, prefill_device_kv_bytes_peak=prefill.dense_device_peak,
+            index_bytes=policy.index_bytes(),
             transfers=cache.stats.transfers.to_dict(), transfer_steps=list(cache.stats.transfers.steps),
             prefill_seconds=prefill.seconds, decode_seconds=decode_s,
             decode_ms_per_token=sum(step_ms) / max(1, len(step_ms)), decode_ms=step_ms,

@@ -28,10 +28,16 @@ DEFAULT_DUMP = DumpConfig(label_layers=list(range(9, 30)), candidate_layers=list
 #: [20, 22, 24] each missed one or both needle depths of tests/test_indexer_needle.py, so this
 #: choice was informed by that evaluation-style check (see docs/indexer.md).
 DEFAULT_LAYERS: list[int] = [18, 22, 24]
-#: `extend_distance_prior=False` keeps the shipped weights reproducible: they were trained before
-#: that step existed (docs/indexer.md, "Full-rank queries" has the candidate that replaces them).
-DEFAULT_TRAIN = TrainConfig(layers=DEFAULT_LAYERS, q_rank=64, epochs=60, patience=10, time_limit=540.0,
-                            extend_distance_prior=False)
+#: Full-rank queries (q_rank = d_model = 576): a rank-64 cut of the frozen query projection loses
+#: what tells a needle from its look-alikes at 8K (docs/indexer.md, "Full-rank queries").
+#: `extend_distance_prior` lets 8K contexts use distance buckets the 4K training documents never reached.
+#: fine_key_block=2: trained on the dump's 8-token key means, the indexer also scores 2-token means at
+#: run time, and a chunk takes the better of the two. This lifts the answer chunk of 8K multi-key
+#: needles from 36th-42nd to 7th-18th (of 253); 8-token keys keep phrase-level matches that the max
+#: over 16 fine blocks buries (docs/indexer.md, "Two key resolutions at run time"). The key store holds
+#: 3 layers x 192 fp16 values per 2 tokens: 1.2% of SmolLM2's fp32 KV cache, reported as `index_bytes`.
+DEFAULT_TRAIN = TrainConfig(layers=DEFAULT_LAYERS, q_rank=576, epochs=60, patience=10, time_limit=540.0,
+                            fine_key_block=2)
 
 
 def default_corpus():

@@ -61,6 +61,10 @@ class TrainConfig:
     tail_tokens: int | None = None
     page_size: int | None = None
     extend_distance_prior: bool = True  # far buckets the data never reached take the farthest trained bias
+    #: run time: the key store keeps keys of this many tokens (a divisor of the dump's key_block) and
+    #: the indexer scores them and their means at the trained resolution, best of both. None: one
+    #: resolution. Training and its metrics use the dump's keys.
+    fine_key_block: int | None = None
     threads: int | None = 1           # torch threads while training (this model is small: 1 beats 2 on a busy CPU)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,9 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a positive integer, got {v!r}")
         if self.ensemble not in ("max", "mean"):
             raise TrainError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
+        if self.fine_key_block is not None and (isinstance(self.fine_key_block, bool)
+                                            or not isinstance(self.fine_key_block, int) or self.fine_key_block <= 0):
+            raise TrainError(f"fine_key_block must be a positive integer or None, got {self.fine_key_block!r}")
         if not isinstance(self.extend_distance_prior, bool):
             raise TrainError(f"extend_distance_prior must be True or False, got {self.extend_distance_prior!r}")
         if not (self.lr > 0 and self.gamma >= 0 and self.weight_decay >= 0):
@@ -208,7 +215,8 @@ def evaluate(indexer: NeuralIndexer | None, traces: TraceSet, docs: list[int], m
         if scorer == "quest":
             probs = doc.quest
         else:
-            probs = torch.cat([indexer(doc.hidden[i: i + batch_size], doc.keys, doc.positions[i: i + batch_size])
+            block = traces.params.get("key_block")  # finer than the trained keys: both resolutions score
+            probs = torch.cat([indexer(doc.hidden[i: i + batch_size], doc.keys, doc.positions[i: i + batch_size], block)
                                for i in range(0, len(doc.positions), batch_size)])
         for a, n in _anchor_spans(doc, c):
             scores.append(probs[a, :n])
@@ -406,6 +414,9 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
         cfg = TrainConfig(**{**asdict(cfg), "layers": list(traces.layers)})
     params = traces.params
     min_layers = cfg.min_layers or params["min_layers"]
+    dump_block = params.get("key_block", params["chunk_size"])
+    if cfg.fine_key_block is not None and dump_block % cfg.fine_key_block:
+        raise TrainError(f"fine_key_block ({cfg.fine_key_block}) must divide the dump's key_block ({dump_block})")
 
     train_docs, val_docs = traces.split(cfg.val_fraction, cfg.seed)
     if not train_docs:
@@ -516,6 +527,7 @@ def _train(dumps, cfg: TrainConfig, progress: bool, log) -> TrainResult:
         if traces.params.get("quest_baseline", True):  # the dump stored quest's scores
             result.val_quest = evaluate(None, traces, val_docs, min_layers, cfg.budget, cfg.ks, scorer="quest")
     result.seconds = time.perf_counter() - start
+    indexer.cfg.fine_key_block = cfg.fine_key_block
     indexer.cfg.extra = {"min_layers": min_layers, "dump_params": traces.params,
                          "population": asdict(traces.population), "train": {**asdict(cfg), "ks": list(cfg.ks)},
                          "metrics": result.summary()}
