@@ -8,6 +8,9 @@ every tau steps; the timed window spans exactly one cycle boundary.
 
     python benchmarks/decode.py                       # 4K..128K, both shapes (~15 min on 2 cores)
     python benchmarks/decode.py --contexts 4096 16384 --shapes smollm2-135m --steps 16
+    python benchmarks/decode.py --device cuda                 # model, static cache and LSA pool on the GPU
+
+On CUDA the host mirror is pinned and the timings synchronize the device.
 """
 
 from __future__ import annotations
@@ -34,28 +37,36 @@ SHAPES = {
 }
 
 
-def build(shape: str, max_len: int) -> torch.nn.Module:
+def build(shape: str, max_len: int, device: torch.device) -> torch.nn.Module:
     model_cls, config_cls, kw = SHAPES[shape]
     config = config_cls(max_position_embeddings=max_len, attn_implementation="sdpa", **kw)
     torch.manual_seed(0)
-    return model_cls(config).eval()
+    return model_cls(config).eval().to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_decode(model, cache, steps: int, warmup: int) -> float:
     """Mean seconds per decode step over `steps` steps, after `warmup` steps."""
-    token = torch.tensor([[1]])
+    device = next(model.parameters()).device
+    token = torch.tensor([[1]], device=device)
     with torch.no_grad():
         for i in range(warmup + steps):
             if i == warmup:
+                synchronize(device)
                 start = time.perf_counter()
             logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
-def run_one(shape: str, context: int, steps: int, warmup: int, max_pages: int) -> dict:
+def run_one(shape: str, context: int, steps: int, warmup: int, max_pages: int, device: torch.device) -> dict:
     total = context + warmup + steps + 64
-    model = build(shape, total)
+    model = build(shape, total, device)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator().manual_seed(0)
@@ -70,7 +81,7 @@ def run_one(shape: str, context: int, steps: int, warmup: int, max_pages: int) -
 
     # Baseline: the same K/V in a preallocated static cache
     static = StaticCache(config=cfg, max_cache_len=total)
-    static.early_initialization(1, cfg.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
+    static.early_initialization(1, cfg.num_key_value_heads, head_dim, torch.float32, device)
     for layer_idx, layer in enumerate(static.layers):
         layer.keys[0, :, :context].copy_(lsa.host.k[layer_idx, :, :context])
         layer.values[0, :, :context].copy_(lsa.host.v[layer_idx, :, :context])
@@ -97,6 +108,8 @@ def run_one(shape: str, context: int, steps: int, warmup: int, max_pages: int) -
     }
     del lsa, model
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -107,17 +120,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64, help="timed decode steps (64 = one cycle)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--max-pages", type=int, default=64, help="KMAX, the fixed LSA budget (pages of 32 tokens)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(torch.get_num_threads())
 
     rows = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print("| shape | context | static ms/tok | LSA ms/tok | speedup | static device KV | LSA device KV | "
           "resident | |bytes - frac*full|/bytes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         for context in args.contexts:
-            r = run_one(shape, context, args.steps, args.warmup, args.max_pages)
+            r = run_one(shape, context, args.steps, args.warmup, args.max_pages, device)
             rows.append(r)
             print(f"| {shape} | {context} | {r['static_ms']:.1f} | {r['lsa_ms']:.1f} | {r['speedup']:.2f}x | "
                   f"{r['static_device_kv_bytes'] / 2**20:.1f} MiB | {r['lsa_device_kv_bytes'] / 2**20:.2f} MiB | "
