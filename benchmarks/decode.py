@@ -123,6 +123,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch build sees no CUDA device")
     device = torch.device(args.device)
     torch.set_num_threads(torch.get_num_threads())
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -52,6 +53,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def common_prefix(got: list[int], ref: list[int]) -> int:
+    """How many leading tokens agree."""
+    n = 0
+    while n < min(len(got), len(ref)) and got[n] == ref[n]:
+        n += 1
+    return n
+
+
 def stock_path(backbone, text: str, prompt_tokens: int, new_tokens: int) -> dict:
     """Greedy tokens of transformers vs ours with every chunk resident."""
     model, device = backbone.model, next(backbone.model.parameters()).device
@@ -64,12 +73,12 @@ def stock_path(backbone, text: str, prompt_tokens: int, new_tokens: int) -> dict
     rows = {}
     for policy in ("full", "quest", "lsa"):
         got = engine.decode(pre, policy, new_tokens, stop_at_eos=False).token_ids
-        rows[f"engine/{policy}"] = sum(a == b for a, b in zip(got, ref)) if got != ref else len(ref)
+        rows[f"engine/{policy}"] = common_prefix(got, ref)
     cache = LSACache(model, LSAConfig(budget=1.0), policy="streaming", max_length=len(ids) + new_tokens)
     got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, past_key_values=cache)[0, len(ids):].tolist()
     cache.close()
-    rows["LSACache in model.generate"] = len(ref) if got == ref else sum(a == b for a, b in zip(got, ref))
+    rows["LSACache in model.generate"] = common_prefix(got, ref)
     return {"tokens": len(ref), "equal_prefix": rows, "ok": all(v == len(ref) for v in rows.values())}
 
 
@@ -119,6 +128,12 @@ def main() -> int:
     p.add_argument("--text", default=None, help="haystack text file (default: the Paul Graham essays)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: this torch build sees no CUDA device")
+    if args.random_weights and not os.path.isfile(os.path.join(args.random_weights, "config.json")):
+        p.error(f"--random-weights {args.random_weights}: no config.json there (a model folder's config and tokenizer)")
+    if args.text and not os.path.isfile(args.text):
+        p.error(f"--text {args.text}: no such file")
 
     folder = random_weight_folder(args.random_weights) if args.random_weights else None
     backbone = load_backbone(folder, device=args.device)

@@ -27,6 +27,17 @@ from flashmemory.eval.samples import PromptBuilder
 from flashmemory.policies import make_policy
 
 
+def int_list(text: str) -> list[int]:
+    """"8,2" -> [8, 2] (positive integers), for argparse."""
+    try:
+        values = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="niah_multikey_1")
@@ -37,7 +48,7 @@ def main() -> None:
     p.add_argument("--policies", default="lsa,quest")
     p.add_argument("--per-layer", default=None, metavar="DUMP", help="rank per candidate layer of this dump")
     p.add_argument("--q-rank", type=int, default=64, help="--per-layer: rank of the query projection kept")
-    p.add_argument("--fine-key-blocks", default=None, metavar="K1,K2",
+    p.add_argument("--fine-key-blocks", type=int_list, default=None, metavar="K1,K2",
                    help="run every lsa policy once per run-time key resolution (tokens per stored key; "
                         "the trained key_block itself scores one resolution only)")
     args = p.parse_args()
@@ -64,7 +75,7 @@ def main() -> None:
     for name in args.policies.split(","):
         lsa = name == "lsa" or name.startswith(("/", "."))
         checkpoint = name if name.startswith(("/", ".")) else None
-        for kb in ([int(k) for k in args.fine_key_blocks.split(",")] if args.fine_key_blocks and lsa else [None]):
+        for kb in (args.fine_key_blocks if args.fine_key_blocks and lsa else [None]):
             policy = make_policy("lsa", checkpoint=checkpoint, fine_key_block=kb) if lsa else make_policy(name)
             runs.append((name if kb is None else f"{name}@fine_key_block={kb}", policy))
     for name, policy in runs:

@@ -210,12 +210,12 @@ def evaluate(indexer: NeuralIndexer | None, traces: TraceSet, docs: list[int], m
     """Metrics of the indexer (or of the dump's stored `quest` scores) on the anchors of `docs`."""
     scores, labels, pops = [], [], []
     c = traces.population.chunk_size
+    block = traces.params.get("key_block")  # finer than the trained keys: both resolutions score
     for d in docs:
         doc = traces.docs[d]
         if scorer == "quest":
             probs = doc.quest
         else:
-            block = traces.params.get("key_block")  # finer than the trained keys: both resolutions score
             probs = torch.cat([indexer(doc.hidden[i: i + batch_size], doc.keys, doc.positions[i: i + batch_size], block)
                                for i in range(0, len(doc.positions), batch_size)])
         for a, n in _anchor_spans(doc, c):
