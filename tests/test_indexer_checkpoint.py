@@ -1,15 +1,17 @@
-"""Indexer checkpoints: round trip, backbone binding, corruption, the DeepSeek-V4 layout, the shipped default."""
+"""Indexer checkpoints: round trip, backbone binding, corruption, the shipped default.
+
+The published DeepSeek-V4 layout (`retrievers.l{L}.*` in a .pt) is tested with its own indexer in
+test_lightning_indexer.py.
+"""
 
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 import torch
 
-from flashmemory.indexer import (CheckpointError, IndexerConfig, NeuralIndexer, load_deepseek_retrievers,
-                                 load_indexer, read_meta, save_indexer)
+from flashmemory.indexer import CheckpointError, IndexerConfig, NeuralIndexer, load_indexer, read_meta, save_indexer
 from flashmemory.indexer.checkpoint import DEFAULT_DIR, default_checkpoint
 
 
@@ -59,49 +61,6 @@ def test_corrupt_checkpoints_get_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not an indexer checkpoint"):
         load_indexer(tmp_path / "empty")
-
-
-def deepseek_state(layers=(10, 12, 20), d=32, rank=16, heads=4, dim=8) -> dict:
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for L in layers:
-        state[f"retrievers.l{L}.wq_a.weight"] = torch.randn(rank, d, generator=g)
-        state[f"retrievers.l{L}.wq_b.weight"] = torch.randn(heads * dim, rank, generator=g)
-        state[f"retrievers.l{L}.q_norm_weight"] = torch.rand(rank, generator=g)
-        state[f"retrievers.l{L}.weights_proj.weight"] = torch.randn(heads, d, generator=g)
-    return state
-
-
-def test_deepseek_layout_loads_with_weights_only(tmp_path):
-    state = deepseek_state()
-    torch.save(state, tmp_path / "indexer.pt")
-    ix = load_deepseek_retrievers(tmp_path / "indexer.pt")
-    assert ix.layers == [10, 12, 20]
-    assert (ix.cfg.d_model, ix.cfg.q_rank, ix.cfg.n_heads, ix.cfg.key_dim) == (32, 16, 4, 8)
-    torch.testing.assert_close(ix.retrievers["l12"].wq_b.weight, state["retrievers.l12.wq_b.weight"])
-    torch.testing.assert_close(ix.retrievers["l20"].q_norm_weight, state["retrievers.l20.q_norm_weight"])
-    assert ix(torch.randn(1, 3, 32), torch.randn(3, 5, 8), torch.tensor([9])).shape == (1, 5)
-
-
-class _Evil:
-    def __reduce__(self):  # would run code if unpickled without weights_only
-        return (print, ("pwned",))
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.save's protocol; harmless here
-def test_deepseek_loader_refuses_pickled_code_and_partial_layers(tmp_path):
-    with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"retrievers.l1.wq_a.weight": _Evil()}, f)
-    with pytest.raises(CheckpointError, match="weights-only"):
-        load_deepseek_retrievers(tmp_path / "evil.pt")
-    state = deepseek_state(layers=(3,))
-    del state["retrievers.l3.weights_proj.weight"]
-    torch.save(state, tmp_path / "partial.pt")
-    with pytest.raises(CheckpointError, match="lacks retrievers.l3.weights_proj.weight"):
-        load_deepseek_retrievers(tmp_path / "partial.pt")
-    torch.save({"model.embed.weight": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="no retrievers"):
-        load_deepseek_retrievers(tmp_path / "other.pt")
 
 
 def test_shipped_default_is_small_and_bound_to_the_default_backbone():
