@@ -18,35 +18,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
+from transformers import StaticCache
 
-from flashmemory import LSACache, LSAConfig
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import SHAPES, build, synchronize, synthetic_history, synthetic_prefill  # noqa: E402
 
-SHAPES = {
-    # SmolLM2-135M (Llama): 30 layers, 3 KV heads of 64
-    "smollm2-135m": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                                                         vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True)),
-    # Qwen2.5-0.5B (Qwen2): 24 layers, 2 KV heads of 64 (vocab cut to keep the random model small)
-    "qwen2.5-0.5b": (Qwen2ForCausalLM, Qwen2Config, dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                                         num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
-                                                         rope_theta=1e6, tie_word_embeddings=True)),
-}
-
-
-def build(shape: str, max_len: int, device: torch.device) -> torch.nn.Module:
-    model_cls, config_cls, kw = SHAPES[shape]
-    config = config_cls(max_position_embeddings=max_len, attn_implementation="sdpa", **kw)
-    torch.manual_seed(0)
-    return model_cls(config).eval().to(device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from flashmemory import LSAConfig, LSAEngine  # noqa: E402
 
 
 def time_decode(model, cache, steps: int, warmup: int) -> float:
@@ -69,44 +51,46 @@ def run_one(shape: str, context: int, steps: int, warmup: int, max_pages: int, d
     model = build(shape, total, device)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    gen = torch.Generator().manual_seed(0)
 
-    # LSA: fill the host mirror with synthetic post-RoPE K/V, then decode
+    # LSA: a synthetic history in the host mirror, one sequence decoding with quest at KMAX pages
     lsa_cfg = LSAConfig(budget=None, max_pages=max_pages)
-    lsa = LSACache(model, lsa_cfg, policy="quest", max_length=total)
-    lsa.host.k[:, :, :context].normal_(generator=gen)
-    lsa.host.v[:, :, :context].normal_(generator=gen)
-    lsa.host.length = context
-    lsa.rewind(context)
+    engine = LSAEngine(model, lsa_cfg)
+    history = synthetic_history(engine, context, warmup + steps + 64)
 
     # Baseline: the same K/V in a preallocated static cache
     static = StaticCache(config=cfg, max_cache_len=total)
     static.early_initialization(1, cfg.num_key_value_heads, head_dim, torch.float32, device)
     for layer_idx, layer in enumerate(static.layers):
-        layer.keys[0, :, :context].copy_(lsa.host.k[layer_idx, :, :context])
-        layer.values[0, :, :context].copy_(lsa.host.v[layer_idx, :, :context])
+        layer.keys[0, :, :context].copy_(history[0][layer_idx, :, :context])
+        layer.values[0, :, :context].copy_(history[1][layer_idx, :, :context])
         layer.cumulative_length.fill_(context)
     static_bytes = sum(t.untyped_storage().nbytes() for layer in static.layers for t in (layer.keys, layer.values))
-
     t_static = time_decode(model, static, steps, warmup)
     del static
     gc.collect()
-    t_lsa = time_decode(model, lsa, steps, warmup)
-    lsa.close()
-    device_bytes = lsa.device_kv_bytes
-    fraction = lsa._active / lsa.length
+
+    seq = engine.submit_prefilled(synthetic_prefill(engine, history, context, warmup + steps + 1), "quest",
+                                  max_new_tokens=warmup + steps + 1, stop_at_eos=False)
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        engine.step()
+    synchronize(device)
+    t_lsa = (time.perf_counter() - start) / steps
+    device_bytes = engine.memory().device_used_bytes
+    fraction = seq.attended / seq.length
+    cycles = sum(1 for c in seq.cycles if c.step >= warmup)
+    engine.cancel(seq)
+    engine.close()
     row = {
         "shape": shape, "context": context, "steps": steps,
         "static_ms": 1000 * t_static, "lsa_ms": 1000 * t_lsa, "speedup": t_static / t_lsa,
-        "static_device_kv_bytes": static_bytes,
-        "lsa_device_kv_bytes": device_bytes,
-        "lsa_device_reserved_bytes": lsa.stats.memory.device_reserved_bytes,
-        "full_kv_bytes": lsa.full_kv_bytes,
-        "resident_fraction": fraction,
-        "bytes_vs_fraction_error": abs(device_bytes - fraction * lsa.full_kv_bytes) / device_bytes,
-        "cycles_in_window": sum(1 for c in lsa.stats.cycles if c.step >= warmup),
+        "static_device_kv_bytes": static_bytes, "lsa_device_kv_bytes": device_bytes,
+        "lsa_device_capacity_bytes": engine.pool.allocated_bytes, "full_kv_bytes": context * engine.shape.bytes_per_token,
+        "resident_fraction": fraction, "cycles_in_window": cycles,
     }
-    del lsa, model
+    del engine, history, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -133,16 +117,15 @@ def main() -> None:
     rows = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print("| shape | context | static ms/tok | LSA ms/tok | speedup | static device KV | LSA device KV | "
-          "resident | |bytes - frac*full|/bytes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | context | static ms/tok | LSA ms/tok | speedup | static device KV | LSA device KV | resident |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         for context in args.contexts:
             r = run_one(shape, context, args.steps, args.warmup, args.max_pages, device)
             rows.append(r)
             print(f"| {shape} | {context} | {r['static_ms']:.1f} | {r['lsa_ms']:.1f} | {r['speedup']:.2f}x | "
                   f"{r['static_device_kv_bytes'] / 2**20:.1f} MiB | {r['lsa_device_kv_bytes'] / 2**20:.2f} MiB | "
-                  f"{100 * r['resident_fraction']:.2f}% | {100 * r['bytes_vs_fraction_error']:.3f}% |", flush=True)
+                  f"{100 * r['resident_fraction']:.2f}% |", flush=True)
     for shape in args.shapes:
         mine = {r["context"]: r for r in rows if r["shape"] == shape}
         if 16384 in mine and 131072 in mine:

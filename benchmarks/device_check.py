@@ -74,10 +74,10 @@ def stock_path(backbone, text: str, prompt_tokens: int, new_tokens: int) -> dict
     for policy in ("full", "quest", "lsa"):
         got = engine.decode(pre, policy, new_tokens, stop_at_eos=False).token_ids
         rows[f"engine/{policy}"] = common_prefix(got, ref)
-    cache = LSACache(model, LSAConfig(budget=1.0), policy="streaming", max_length=len(ids) + new_tokens)
-    got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, past_key_values=cache)[0, len(ids):].tolist()
-    cache.close()
+    engine.close()
+    with LSACache(model, LSAConfig(budget=1.0), policy="streaming", max_length=len(ids) + new_tokens) as cache:
+        got = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, past_key_values=cache)[0, len(ids):].tolist()
     rows["LSACache in model.generate"] = common_prefix(got, ref)
     return {"tokens": len(ref), "equal_prefix": rows, "ok": all(v == len(ref) for v in rows.values())}
 
@@ -88,18 +88,19 @@ def policies(backbone, text: str, prompt_tokens: int, new_tokens: int, budget: f
     engine = LSAEngine(backbone, LSAConfig(budget=budget))
     ids = backbone.tokenizer(text)["input_ids"][:prompt_tokens]
     pre = engine.prefill(ids, max_new_tokens=new_tokens)
-    host = pre.cache.host
+    engine.close()
+    host = pre.host
     weights = sum(t.numel() * t.element_size() for t in [*backbone.model.parameters(), *backbone.model.buffers()])
     rows = []
     for name in POLICIES:
         synchronize(device)
-        pre.cache.restart()  # drop the previous decode's device reserve before measuring this one
-        gc.collect()
+        gc.collect()  # the previous decode's engine, and its device pool, are gone
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        result = engine.decode(pre, name, new_tokens, stop_at_eos=False)
+        with LSAEngine(backbone, LSAConfig(budget=budget)) as engine:  # a fresh device pool for each policy
+            result = engine.decode(pre, name, new_tokens, stop_at_eos=False)
         synchronize(device)
         r = result.report
         rows.append({

@@ -111,7 +111,7 @@ def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int, q_rank: int =
     cfg, ranks = engine.config, {}
 
     def probe(ctx):
-        hidden = torch.stack([ctx.recorder.hidden(layer)[-1] for layer in layers])[None].float()
+        hidden = torch.stack([ctx.activations.hidden(layer)[-1] for layer in layers])[None].float()
         store = ChunkKeyStore(layers, indexer.cfg.key_dim, cfg.chunk_size, key_block=indexer.cfg.key_block)
         store.extend_from_host(ctx.host_keys, ctx.length)
         logits = indexer.layer_logits(hidden, store.keys(ctx.n_chunks), torch.tensor([ctx.length - 1]))[:, 0]

@@ -1,81 +1,73 @@
-"""Measured accounting: device bytes are the bytes really held, the budget holds, transfers only at cycle starts."""
+"""Measured accounting on the real model: device bytes are the bytes held, the budget holds, transfers
+happen only at cycle starts, and stop strings stop."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from flashmemory import LSACache, LSAConfig
-from flashmemory.memory.page_table import PageTable
+from flashmemory import LSAConfig, LSAEngine
 
 NEW = 150
 
 
 @pytest.fixture(scope="module")
 def run(backbone, essays):
-    """Decode 150 tokens with quest at a 25% budget, checking the cache after every step."""
+    """Decode 150 tokens with quest at a 25% budget, reading the engine after every step."""
     ids = backbone.tokenizer(essays)["input_ids"][:2000]
     config = LSAConfig(budget=0.25)
-    cache = LSACache(backbone.model, config, policy="quest", max_length=len(ids) + NEW)
+    engine = LSAEngine(backbone, config)
+    seq = engine.submit(ids, "quest", max_new_tokens=NEW, stop_at_eos=False)
     steps = []
-    with torch.no_grad():
-        out = backbone.model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
-        token = out.logits[0, -1].argmax()
-        for _ in range(NEW):
-            out = backbone.model(input_ids=token.view(1, 1), past_key_values=cache)
-            token = out.logits[0, -1].argmax()
-            device_tensors = [cache.reserve.k, cache.reserve.v]
-            steps.append({
-                "storage_bytes": sum(t.untyped_storage().nbytes() for t in device_tensors),
-                "active_bytes": sum(t[:, :, : cache._active].nbytes for t in device_tensors),
-                "reported_active": cache.device_kv_bytes,
-                "active_tokens": cache._active,
-                "length": cache.length,
-                "budget_tokens": config.budget_tokens(cache.stats.cycles[-1].length),
-                "pages": len(cache.table),
-                "recalls": cache.stats.transfers.recalls + cache.stats.transfers.offloads,
-                "cycle_step": cache._cycle_step,
-            })
-    cache.close()
-    return cache, steps, config
+    while not seq.finished:
+        engine.step()
+        if seq.cycles and not seq.finished:
+            m = engine.memory()
+            steps.append({"used": m.device_used_bytes, "pages": len(seq.table), "attended": seq.attended,
+                          "length": seq.length, "budget_tokens": config.budget_tokens(seq.cycles[-1].length),
+                          "transfers": seq.transfers.recalls + seq.transfers.offloads, "cycle_step": seq.cycle_step,
+                          "capacity": m.device_capacity_bytes})
+    report = engine.result(seq).report
+    engine.close()
+    return engine, report, steps, config
 
 
 def test_reported_device_bytes_are_the_bytes_held(run):
-    cache, steps, _ = run
-    assert all(s["reported_active"] == s["active_bytes"] for s in steps)
-    assert cache.stats.memory.device_kv_bytes_peak == max(s["active_bytes"] for s in steps)
-    assert cache.stats.memory.device_reserved_bytes == steps[-1]["storage_bytes"]
-    # the host mirror holds every token up to the last cycle start; newer ones wait in the open region
-    assert cache.full_kv_bytes == cache.length * cache.shape.bytes_per_token
-    assert cache.host.length == cache.stats.cycles[-1].length
-    assert cache.host_kv_bytes == cache.host.length * cache.shape.bytes_per_token
+    engine, report, steps, _ = run
+    page_bytes = engine.pool.k[:, :, :32].nbytes + engine.pool.v[:, :, :32].nbytes
+    assert all(s["used"] == s["pages"] * page_bytes for s in steps)
+    assert report.device_kv_bytes_peak == max(s["used"] for s in steps)
+    assert steps[-1]["capacity"] == engine.pool.k.untyped_storage().nbytes() + engine.pool.v.untyped_storage().nbytes()
+    assert report.full_kv_bytes == (2000 + NEW - 1) * engine.shape.bytes_per_token
+    assert engine.memory().device_used_bytes == 0 and engine.memory().host_bytes == 0
 
 
 def test_budget_is_never_exceeded(run):
-    cache, steps, config = run
-    assert len(cache.stats.cycles) >= 3
+    _, report, steps, config = run
+    assert report.cycles >= 3
     for s in steps:
-        assert s["active_tokens"] <= s["budget_tokens"]
-        assert s["active_tokens"] / s["length"] <= config.budget
-        assert s["storage_bytes"] < 0.5 * cache.full_kv_bytes  # the reserve itself is budget-sized
+        assert s["attended"] <= s["budget_tokens"]
+        assert s["attended"] / s["length"] <= config.budget
+    assert report.device_kv_bytes_reserved < 0.5 * report.full_kv_bytes  # the reservation itself is budget-sized
 
 
 def test_no_transfer_inside_a_cycle(run):
-    cache, steps, _ = run
-    cycle_starts = {c.step for c in cache.stats.cycles}
-    assert set(cache.stats.transfers.steps) <= cycle_starts
+    _, report, steps, _ = run
+    cycle_starts = set()
+    for s in steps:
+        if s["cycle_step"] == 1:
+            cycle_starts.add(s["length"])
+    assert set(report.transfer_steps) <= {r for r in range(NEW) if r % 64 == 0}
     for before, after in zip(steps, steps[1:]):
         if after["cycle_step"] > 1:  # same cycle: nothing moved between the tiers
-            assert after["recalls"] == before["recalls"]
+            assert after["transfers"] == before["transfers"]
 
 
-def test_page_table_stays_compact_and_keeps_order_when_growing():
-    table = PageTable(8)
-    moves = table.plan([0, 1, 2])
-    assert [m.slot for m in moves] == [0, 1, 2] and all(m.source == "host" for m in moves)
-    moves = table.plan([0, 2, 5, 6])  # evict 1, recall 5 into its slot, 6 appended
-    assert table.slot_of == {0: 0, 5: 1, 2: 2, 6: 3}
-    moves = table.plan([6])  # holes closed by moving the last page down
-    assert table.slot_of == {6: 0} and moves[-1].source == "device"
-    with pytest.raises(ValueError, match="reserve holds"):
-        table.plan(list(range(9)))
+def test_stop_strings_stop_and_are_not_output(backbone, essays):
+    prompt = backbone.tokenizer.decode(backbone.tokenizer(essays)["input_ids"][:300])
+    with LSAEngine(backbone, LSAConfig(budget=1.0)) as engine:
+        free = engine.generate(prompt, "full", max_new_tokens=40, stop_at_eos=False)
+        stop = free.text.strip().split()[3]
+        cut = engine.generate(prompt, "full", max_new_tokens=40, stop_at_eos=False, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text and free.text.startswith(cut.text)
+    assert len(cut.token_ids) < len(free.token_ids)

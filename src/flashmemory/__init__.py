@@ -2,17 +2,24 @@
 
 A KV cache in two tiers (every chunk in host memory, a budgeted resident set on the device),
 a selection policy that picks the resident set every `tau` decode steps, and a small learned
-indexer that predicts which chunks the next tokens will need.
+indexer that predicts which chunks the next tokens will need. `LSAEngine` decodes many
+sequences together over one shared device pool.
 """
 
-from .config import ConfigError, LSAConfig
+from .config import ConfigError, EngineConfig, LSAConfig
 from .models.loader import Backbone, BackboneError, load_backbone
-from .policies import BudgetError, SelectionPolicy, make_policy, policy_names, register_policy
-from .runtime.cache import ContextLengthError, LSACache
-from .runtime.engine import GenerationReport, GenerationResult, LSAEngine, Prefill, PromptError
+from .policies import DEFAULT_POLICY, BudgetError, SelectionPolicy, make_policy, policy_names, register_policy
+from .runtime.cache import ContextLengthError
+from .runtime.engine import AdmissionError, LSAEngine, MemoryUsage, Prefill, PromptError
+from .runtime.lsa_cache import LSACache
+from .runtime.report import GenerationReport, GenerationResult
+from .runtime.sampling import GenerationOptionsError, SamplingParams
+from .runtime.sequence import Sequence, TokenEvent
 
 __version__ = "0.1.0"
 
-__all__ = ["LSAConfig", "ConfigError", "Backbone", "BackboneError", "load_backbone", "BudgetError",
-           "SelectionPolicy", "make_policy", "policy_names", "register_policy", "ContextLengthError", "LSACache",
-           "GenerationReport", "GenerationResult", "LSAEngine", "Prefill", "PromptError"]
+__all__ = ["LSAConfig", "EngineConfig", "ConfigError", "Backbone", "BackboneError", "load_backbone",
+           "DEFAULT_POLICY", "BudgetError", "SelectionPolicy", "make_policy", "policy_names", "register_policy",
+           "ContextLengthError", "LSACache", "LSAEngine", "AdmissionError", "MemoryUsage", "Prefill", "PromptError",
+           "GenerationReport", "GenerationResult", "GenerationOptionsError", "SamplingParams", "Sequence",
+           "TokenEvent"]

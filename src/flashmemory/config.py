@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 
 class ConfigError(ValueError):
@@ -24,16 +24,20 @@ class LSAConfig:
       - `max_pages`: KMAX, a fixed cap on device pages (the open pages of the current cycle included).
     """
 
-    chunk_size: int = 32
-    page_size: int = 32
-    tau: int = 64
-    sink_tokens: int = 32
-    tail_tokens: int = 128
-    budget: float | None = 0.15
-    max_pages: int | None = None
-    threshold: float = 0.5
-    prefill_chunk: int = 2048
-    seed: int = 0
+    chunk_size: int = field(default=32, metadata={"help": "tokens per chunk (the scoring unit)"})
+    page_size: int = field(default=32, metadata={
+        "help": "tokens per page (the residency and transfer unit, a multiple of the chunk size)"})
+    tau: int = field(default=64, metadata={
+        "help": "decode steps per cycle (the resident set changes only between cycles)"})
+    sink_tokens: int = field(default=32, metadata={"help": "first tokens always resident"})
+    tail_tokens: int = field(default=128, metadata={"help": "most recent tokens always resident"})
+    budget: float | None = field(default=0.15, metadata={
+        "help": "resident share of the history's chunks, sink and tail included"})
+    max_pages: int | None = field(default=None, metadata={"help": "KMAX: a fixed cap on a sequence's device pages"})
+    threshold: float = field(default=0.5, metadata={"help": "score above which a learned policy wants a chunk"})
+    prefill_chunk: int = field(default=2048, metadata={
+        "help": "prompt tokens per prefill forward (running sequences decode between pieces)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random policy"})
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_size", "tau", "prefill_chunk"):
@@ -100,3 +104,24 @@ class LSAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine shares one device among sequences.
+
+    `device_memory` is the byte budget of the device KV pool for all sequences together; a
+    sequence is admitted only when its reservation fits (otherwise it waits). None sizes the
+    pool to what the admitted sequences need (it grows at admission, never inside a step).
+    """
+
+    device_memory: int | None = field(default=None, metadata={
+        "help": "bytes of device KV for all sequences together (default: grow as sequences are admitted)"})
+    max_batch: int = field(default=16, metadata={"help": "most sequences decoding together in one forward"})
+
+    def __post_init__(self) -> None:
+        if self.device_memory is not None and (isinstance(self.device_memory, bool) or not isinstance(
+                self.device_memory, int) or self.device_memory <= 0):
+            raise ConfigError(f"device_memory must be a positive number of bytes, got {self.device_memory!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch <= 0:
+            raise ConfigError(f"max_batch must be a positive integer, got {self.max_batch!r}")

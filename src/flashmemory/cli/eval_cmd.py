@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import LSAConfig
 from .errors import HelpFormatter, USER_ERRORS, fail
+from .options import add_options, build
+
+LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens"]
 
 DEFAULT_POLICIES = "full,lsa,recency,random,quest"
 DEFAULT_SWEEP = "0.06,0.09,0.12,0.18,0.25"
@@ -46,11 +50,7 @@ def register(sub) -> None:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's answer length")
-    p.add_argument("--chunk-size", type=int, default=32, help="tokens per chunk (scoring unit)")
-    p.add_argument("--page-size", type=int, default=32, help="tokens per page (residency/transfer unit)")
-    p.add_argument("--tau", type=int, default=64, help="decode steps per cycle")
-    p.add_argument("--sink-tokens", type=int, default=32, help="first tokens always resident")
-    p.add_argument("--tail-tokens", type=int, default=128, help="most recent tokens always resident")
+    add_options(p, LSAConfig, LSA_OPTIONS)
     p.add_argument("--indexer", type=Path, default=None,
                    help="indexer checkpoint for --policies lsa (default: shipped)")
     p.add_argument("--longbench-v2", type=Path, default=None, help="LongBench-v2 data.json (or its folder)")
@@ -94,7 +94,6 @@ def _drop_unusable_lsa(names: list[str], model, kwargs: dict) -> list[str]:
 
 
 def run(args) -> int:
-    from ..config import LSAConfig
     from ..eval.datasets import DataPaths
     from ..eval.harness import EvalSettings, evaluate, make_policies
     from ..eval.report import summarize, to_markdown, write_report
@@ -104,8 +103,7 @@ def run(args) -> int:
     preset = QUICK if args.quick else {"tasks": "single", "length": 4096, "samples": 4}
     try:
         budgets = _floats(args.sweep, "--sweep") if args.sweep else [args.budget]
-        config = LSAConfig(chunk_size=args.chunk_size, page_size=args.page_size, tau=args.tau,
-                           sink_tokens=args.sink_tokens, tail_tokens=args.tail_tokens, budget=budgets[0])
+        config = build(LSAConfig, args, LSA_OPTIONS, budget=budgets[0])
         policies, explicit = _policies(args.policies)
         policy_kwargs = {"lsa": {"checkpoint": args.indexer}} if args.indexer else {}
 

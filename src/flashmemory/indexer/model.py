@@ -234,13 +234,14 @@ class NeuralIndexer(nn.Module):
             out.append(self.retrievers[f"l{layer}"](hidden[:, i], k, positions, key_block))
         return torch.stack(out)
 
-    def ensemble(self, layer_logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities [B, n] from per-layer logits [L, B, n]: max (union) or mean of probabilities."""
+    def ensemble(self, layer_logits: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """Probabilities [B, n] from per-layer logits [L, B, n]: max (union) or mean of probabilities
+        (`how`, default the config's ensemble)."""
         probs = torch.sigmoid(layer_logits)
-        return probs.amax(0) if self.cfg.ensemble == "max" else probs.mean(0)
+        return probs.amax(0) if (how or self.cfg.ensemble) == "max" else probs.mean(0)
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                key_block: int | None = None) -> torch.Tensor:
+                key_block: int | None = None, ensemble: str | None = None) -> torch.Tensor:
         """Ensembled probabilities [B, n] that each chunk is needed in the next tau steps.
 
         Keys finer than the trained resolution (`key_block` a divisor of cfg.key_block) are scored
@@ -252,10 +253,10 @@ class NeuralIndexer(nn.Module):
         kb = key_block or self.cfg.key_block
         if self.cfg.key_block % kb:
             raise ValueError(f"keys of {kb} tokens cannot be averaged to the trained {self.cfg.key_block}")
-        probs = self.ensemble(self.layer_logits(hidden, keys, positions, kb))
+        probs = self.ensemble(self.layer_logits(hidden, keys, positions, kb), ensemble)
         if kb != self.cfg.key_block:
             coarse = coarsen_keys(keys, self.cfg.key_block // kb)
-            probs = torch.maximum(probs, self.ensemble(self.layer_logits(hidden, coarse, positions)))
+            probs = torch.maximum(probs, self.ensemble(self.layer_logits(hidden, coarse, positions), ensemble))
         return probs
 
     def parameter_count(self) -> int:

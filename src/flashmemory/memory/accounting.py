@@ -1,4 +1,4 @@
-"""Measured memory and transfer accounting for one generation."""
+"""Measured memory and transfer accounting for one sequence."""
 
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ class TransferLog:
 
 @dataclass
 class MemoryMeter:
-    """Peaks of the bytes that live on each tier, sampled at every step."""
+    """Peaks of the bytes one sequence holds on each tier, sampled at every step."""
 
-    device_kv_bytes_peak: int = 0      # bytes of resident KV in the device reserve
-    device_reserved_bytes: int = 0     # bytes allocated for the reserve
-    host_kv_bytes_peak: int = 0        # bytes of history held in the host mirror
-    host_reserved_bytes: int = 0
+    device_kv_bytes_peak: int = 0      # bytes of this sequence's pages in the device pool
+    device_reserved_bytes: int = 0     # bytes of the pool slots reserved for it at admission
+    host_kv_bytes_peak: int = 0        # history bytes in its host mirror
+    host_reserved_bytes: int = 0       # storage of its host mirror
     full_kv_bytes_peak: int = 0        # what a full cache of the same history would hold
+    dense_device_peak: int = 0         # largest transient device KV of one dense layer (prefill)
 
     def sample(self, device_kv: int, host_kv: int, full_kv: int) -> None:
         self.device_kv_bytes_peak = max(self.device_kv_bytes_peak, device_kv)

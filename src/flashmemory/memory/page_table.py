@@ -1,70 +1,48 @@
-"""What is resident: which history page sits in which device slot.
+"""What is resident for one sequence: which of its history pages sits in which device slot.
 
-The page table knows nothing about bytes; `pools.py` holds them. Resident pages occupy
-slots 0..n-1 with no holes, so a layer's attention input is one contiguous prefix.
+The page table knows nothing about bytes (`pools.py` holds them) nor about which slots are
+free (`block_pool.py`). Slots are any ids the block pool hands out; attention reads the
+resident pages through a gather index built in history order, so no compaction is needed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class SlotMove:
-    """One page copy that the pools must carry out to realise a new resident set."""
-
-    page: int
-    slot: int
-    source: str  # "host" (a recall) or "device" (a move from another slot)
-    from_slot: int = -1
-
 
 class PageTable:
-    """Maps history page index -> device slot for the resident pages."""
+    """Maps history page index -> device slot for one sequence's pages on the device."""
 
-    def __init__(self, capacity_pages: int):
-        self.capacity = capacity_pages
+    def __init__(self) -> None:
         self.slot_of: dict[int, int] = {}
-
-    @property
-    def resident(self) -> list[int]:
-        """Resident pages in slot order."""
-        return [p for p, _ in sorted(self.slot_of.items(), key=lambda kv: kv[1])]
 
     def __len__(self) -> int:
         return len(self.slot_of)
 
-    def plan(self, wanted: list[int]) -> list[SlotMove]:
-        """Change the resident set to `wanted` and return the copies that realise it.
+    @property
+    def pages(self) -> list[int]:
+        """Pages on the device, in history order."""
+        return sorted(self.slot_of)
 
-        Kept pages stay in their slots; freed slots are refilled by recalls first, and any
-        holes left are closed by moving the last pages down. New pages are placed in
-        ascending page order, so a set that only grows stays in history order.
-        """
+    def slots(self, pages: list[int]) -> list[int]:
+        return [self.slot_of[p] for p in pages]
+
+    def diff(self, wanted: list[int]) -> tuple[dict[int, int], list[int]]:
+        """(pages to drop with their slots, pages to bring in) to make the resident set `wanted`."""
         wanted_set = set(wanted)
-        if len(wanted_set) > self.capacity:
-            raise ValueError(f"{len(wanted_set)} pages requested but the reserve holds {self.capacity}")
-        holes = sorted(slot for page, slot in self.slot_of.items() if page not in wanted_set)
-        self.slot_of = {p: s for p, s in self.slot_of.items() if p in wanted_set}
+        drop = {p: s for p, s in self.slot_of.items() if p not in wanted_set}
         incoming = sorted(wanted_set - set(self.slot_of))
-        moves: list[SlotMove] = []
-        next_free = len(self.slot_of) + len(holes)  # first slot past the old occupied prefix
-        for page in incoming:
-            slot = holes.pop(0) if holes else next_free
-            if slot == next_free:
-                next_free += 1
-            self.slot_of[page] = slot
-            moves.append(SlotMove(page, slot, "host"))
-        # Close remaining holes by moving the highest-slot pages into them.
-        while holes:
-            hole = holes.pop(0)
-            last_page, last_slot = max(self.slot_of.items(), key=lambda kv: kv[1])
-            if last_slot < hole:
-                break
-            self.slot_of[last_page] = hole
-            moves.append(SlotMove(last_page, hole, "device", from_slot=last_slot))
-        assert sorted(self.slot_of.values()) == list(range(len(self.slot_of))), "page table has holes"
-        return moves
+        return drop, incoming
 
-    def clear(self) -> None:
+    def drop(self, pages: list[int]) -> None:
+        for p in pages:
+            del self.slot_of[p]
+
+    def assign(self, pages: list[int], slots: list[int]) -> None:
+        if len(pages) != len(slots):
+            raise ValueError(f"{len(pages)} pages for {len(slots)} slots")
+        self.slot_of.update(zip(pages, slots))
+
+    def clear(self) -> list[int]:
+        """Forget every page; return the slots they held."""
+        slots = list(self.slot_of.values())
         self.slot_of.clear()
+        return slots

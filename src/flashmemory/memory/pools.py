@@ -1,8 +1,10 @@
-"""Where the KV bytes live: the host mirror (every token) and the device reserve (resident pages).
+"""Where the KV bytes live: one host mirror per sequence, and one device pool shared by all.
 
-Both pools store keys and values as [layers, kv_heads, tokens, head_dim] so one page of every
-layer moves with a single copy, and a layer's slice is directly the
-[1, kv_heads, tokens, head_dim] view that attention consumes.
+Both store keys and values as [layers, kv_heads, tokens, head_dim]: one page of every layer
+moves with a single copy, and a layer's slice is directly what attention consumes. The device
+pool is cut into fixed page slots; which slot holds which page of which sequence is decided
+elsewhere (`block_pool.BlockPool` hands slots out, each sequence's `page_table.PageTable` maps
+its pages to them). Nothing here decides anything: it holds bytes and copies them.
 """
 
 from __future__ import annotations
@@ -25,61 +27,120 @@ class KVShape:
     def bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "KVShape":
+        """The KV shape of a transformers causal LM (its text config, the dtype of its weights)."""
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, next(model.parameters()).dtype)
 
-class KVPool:
-    """A fixed-capacity pair of K/V tensors on one device."""
 
-    def __init__(self, shape: KVShape, capacity_tokens: int, device: torch.device, pin: bool = False):
+def _storage_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+class HostMirror:
+    """Every token of one sequence's history, in host memory (pinned when the compute device is CUDA)."""
+
+    def __init__(self, shape: KVShape, capacity_tokens: int, pin: bool = False):
         size = (shape.layers, shape.kv_heads, capacity_tokens, shape.head_dim)
         self.shape = shape
         self.capacity = capacity_tokens
-        self.device = torch.device(device)
-        self.k = torch.empty(size, dtype=shape.dtype, device=device, pin_memory=pin)
-        self.v = torch.empty(size, dtype=shape.dtype, device=device, pin_memory=pin)
+        self.k = torch.empty(size, dtype=shape.dtype, pin_memory=pin)
+        self.v = torch.empty(size, dtype=shape.dtype, pin_memory=pin)
+        self.length = 0  # tokens of history written so far
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k, self.v
+    @classmethod
+    def over(cls, shape: KVShape, k: torch.Tensor, v: torch.Tensor, length: int) -> "HostMirror":
+        """A mirror over existing [layers, kv_heads, capacity, head_dim] tensors whose first `length` tokens
+        are history (benchmarks give several sequences one synthetic history this way)."""
+        mirror = cls.__new__(cls)
+        mirror.shape, mirror.capacity, mirror.k, mirror.v, mirror.length = shape, k.shape[2], k, v, length
+        return mirror
 
-    @property
-    def allocated_bytes(self) -> int:
-        """Bytes of the storage these tensors actually hold (measured, not derived)."""
-        return sum(t.untyped_storage().nbytes() for t in self.tensors())
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write [kv_heads, n, head_dim] states at token offset `start` of one layer."""
+        n = k.shape[-2]
+        self.k[layer, :, start:start + n].copy_(k, non_blocking=True)
+        self.v[layer, :, start:start + n].copy_(v, non_blocking=True)
 
     def layer_view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, kv_heads, length, head_dim] views of one layer's first `length` tokens."""
         return self.k[layer, :, :length].unsqueeze(0), self.v[layer, :, :length].unsqueeze(0)
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write [1, kv_heads, n, head_dim] states at token offset `start` of one layer."""
-        n = k.shape[-2]
-        self.k[layer, :, start:start + n].copy_(k[0], non_blocking=True)
-        self.v[layer, :, start:start + n].copy_(v[0], non_blocking=True)
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the history held now (the filled part)."""
+        return self.length * self.shape.bytes_per_token
 
-    def copy_from(self, src: "KVPool", src_start: int, dst_start: int, n: int, non_blocking: bool = False) -> int:
-        """Copy tokens [src_start, src_start+n) of every layer from `src`; return bytes moved."""
-        for mine, theirs in ((self.k, src.k), (self.v, src.v)):
-            mine[:, :, dst_start:dst_start + n].copy_(theirs[:, :, src_start:src_start + n], non_blocking=non_blocking)
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage the mirror's tensors hold (measured)."""
+        return _storage_bytes(self.k, self.v)
+
+
+class DevicePool:
+    """The device KV pool shared by every running sequence: `n_slots` pages of `page_size` tokens."""
+
+    def __init__(self, shape: KVShape, n_slots: int, page_size: int, device: torch.device | str):
+        self.shape = shape
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.k = self.v = torch.empty(0)
+        self.n_slots = 0
+        self.grow(n_slots)
+
+    def grow(self, n_slots: int) -> None:
+        """Enlarge the pool to `n_slots` pages, keeping every slot's contents and id."""
+        if n_slots <= self.n_slots:
+            return
+        size = (self.shape.layers, self.shape.kv_heads, n_slots * self.page_size, self.shape.head_dim)
+        k = torch.empty(size, dtype=self.shape.dtype, device=self.device)
+        v = torch.empty(size, dtype=self.shape.dtype, device=self.device)
+        used = self.n_slots * self.page_size
+        if used:
+            k[:, :, :used].copy_(self.k)
+            v[:, :, :used].copy_(self.v)
+        self.k, self.v, self.n_slots = k, v, n_slots
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page slot (all layers, K and V), measured on the pool's tensors."""
+        p = self.page_size
+        return self.k[:, :, :p].nbytes + self.v[:, :, :p].nbytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage the pool's tensors hold (measured, not derived)."""
+        return _storage_bytes(self.k, self.v)
+
+    def token_index(self, slots: list[int], device: torch.device | None = None) -> torch.Tensor:
+        """Pool token positions of whole page slots, in the given order."""
+        p = self.page_size
+        base = torch.tensor(slots, dtype=torch.long) * p
+        return (base[:, None] + torch.arange(p)).flatten().to(device or self.device)
+
+    def write_rows(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one new token per row: k, v [B, kv_heads, 1, head_dim] at pool token `positions` [B]."""
+        self.k[layer].index_copy_(1, positions, k[:, :, 0].transpose(0, 1))
+        self.v[layer].index_copy_(1, positions, v[:, :, 0].transpose(0, 1))
+
+    def gather(self, layer: int, index: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Fill out_k/out_v [B, kv_heads, T, head_dim] with the pool tokens `index` [B, T] of one layer."""
+        for row in range(index.shape[0]):
+            torch.index_select(self.k[layer], 1, index[row], out=out_k[row])
+            torch.index_select(self.v[layer], 1, index[row], out=out_v[row])
+
+    def load(self, slot: int, offset: int, host: HostMirror, host_start: int, n: int, non_blocking: bool) -> int:
+        """Copy host tokens [host_start, +n) of every layer into a slot at `offset`; return bytes moved."""
+        dst = slice(slot * self.page_size + offset, slot * self.page_size + offset + n)
+        self.k[:, :, dst].copy_(host.k[:, :, host_start:host_start + n], non_blocking=non_blocking)
+        self.v[:, :, dst].copy_(host.v[:, :, host_start:host_start + n], non_blocking=non_blocking)
         return n * self.shape.bytes_per_token
 
-    def move(self, src_start: int, dst_start: int, n: int) -> None:
-        """Move tokens inside this pool (page-aligned ranges never overlap)."""
-        for t in self.tensors():
-            t[:, :, dst_start:dst_start + n].copy_(t[:, :, src_start:src_start + n])
-
-
-class HostMirror(KVPool):
-    """Every token of the history, in host memory (pinned when the compute device is CUDA)."""
-
-    def __init__(self, shape: KVShape, capacity_tokens: int, compute_device: torch.device):
-        pin = torch.device(compute_device).type == "cuda"
-        super().__init__(shape, capacity_tokens, torch.device("cpu"), pin=pin)
-        self.length = 0  # tokens of history written so far
-
-
-class DeviceReserve(KVPool):
-    """The fixed-capacity device pool: resident pages first, then the open region of the cycle."""
-
-    def __init__(self, shape: KVShape, capacity_pages: int, page_size: int, device: torch.device):
-        super().__init__(shape, capacity_pages * page_size, device)
-        self.capacity_pages = capacity_pages
-        self.page_size = page_size
+    def store(self, slot: int, offset: int, host: HostMirror, host_start: int, n: int, non_blocking: bool) -> int:
+        """Copy n tokens of a slot (from `offset`) to host positions [host_start, +n); return bytes moved."""
+        src = slice(slot * self.page_size + offset, slot * self.page_size + offset + n)
+        host.k[:, :, host_start:host_start + n].copy_(self.k[:, :, src], non_blocking=non_blocking)
+        host.v[:, :, host_start:host_start + n].copy_(self.v[:, :, src], non_blocking=non_blocking)
+        return n * self.shape.bytes_per_token

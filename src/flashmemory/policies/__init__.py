@@ -7,6 +7,9 @@ from .baselines import FullPolicy, RandomPolicy, RecencyPolicy, StreamingPolicy
 from .oracle import OraclePolicy
 from .quest import QuestPolicy
 
+#: The policy used when none is named (the API, the CLI and the server): the learned indexer.
+DEFAULT_POLICY = "lsa"
+
 _REGISTRY: dict[str, type[SelectionPolicy]] = {}
 
 
@@ -43,6 +46,6 @@ def make_policy(policy: str | SelectionPolicy, **kwargs) -> SelectionPolicy:
     return _REGISTRY[policy](**kwargs)
 
 
-__all__ = ["BudgetError", "PagePlan", "SelectionContext", "SelectionPolicy", "choose_pages", "make_policy",
+__all__ = ["DEFAULT_POLICY", "BudgetError", "PagePlan", "SelectionContext", "SelectionPolicy", "choose_pages", "make_policy",
            "policy_names", "register_policy", "FullPolicy", "RecencyPolicy", "RandomPolicy", "StreamingPolicy",
            "QuestPolicy", "OraclePolicy"]

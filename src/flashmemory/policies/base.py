@@ -1,14 +1,17 @@
 """The selection-policy interface and the glue that turns chunk scores into resident pages.
 
-A policy is one small class: `score(ctx)` returns one number per selectable chunk (higher
-means "keep"). Everything common to all policies (sink and tail pages, the budget, the
-page cap, threshold versus top-k) lives in `choose_pages`, so policies compare fairly.
+A policy is one small stateless class: hyperparameters (and, for learned ones, weights) only.
+`score(ctx)` returns one number per selectable chunk (higher means "keep"). What a policy keeps
+about one sequence between cycles (quest's key bounds, lsa's key store) is a chunk index that
+the policy creates with `new_index` and the sequence owns; it comes back in `ctx.index`.
+Everything common to all policies (sink and tail pages, the budget, the page cap, threshold
+versus top-k) lives in `choose_pages`, so policies compare fairly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal, Protocol
 
 import torch
 
@@ -19,16 +22,24 @@ class BudgetError(ValueError):
     """The budget cannot hold the pages every policy must keep."""
 
 
+class ChunkIndex(Protocol):
+    """Per-sequence metadata a policy keeps about chunks (owned by the sequence)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
 @dataclass
 class SelectionContext:
-    """What a policy may look at when a cycle starts."""
+    """What a policy may look at when a cycle of one sequence starts."""
 
     config: LSAConfig
     length: int                     # history tokens (true positions) at the boundary
     n_pages: int                    # complete pages, the selectable history
     cycle: int
     host_keys: torch.Tensor         # [layers, kv_heads, >=length, head_dim] post-RoPE keys (host mirror)
-    recorder: object | None = None  # runtime.capture.ActivationRecorder of the last decoded token
+    activations: object | None = None  # runtime.capture.Activations of the last token
+    index: ChunkIndex | None = None    # this sequence's chunk index (from policy.new_index)
     lookahead: Callable[[], torch.Tensor] | None = None  # -> [steps, layers, n_chunks] future attention mass
     generator: torch.Generator = field(default_factory=torch.Generator)
 
@@ -45,26 +56,21 @@ class SelectionPolicy:
     #: config.threshold (page score = how many of its chunks pass); "all" keeps everything.
     mode: ClassVar[Literal["topk", "threshold", "all"]] = "topk"
     keep_sink: ClassVar[bool] = True
-    needs_queries: ClassVar[bool] = False   # wants runtime.capture hooks
     needs_lookahead: ClassVar[bool] = False  # decodes ahead (only LSAEngine can provide it)
 
     def bind(self, model) -> None:
-        """Called with the backbone (a transformers model) before its first generation.
+        """Called with the backbone (a transformers model) before its first sequence.
 
         Learned policies load or check what belongs to this backbone here
         (`flashmemory.models.loader.fingerprint(model.config)` names it)."""
 
-    def reset(self) -> None:
-        """Forget per-generation state (called before each generation)."""
+    def new_index(self, ctx: SelectionContext) -> ChunkIndex | None:
+        """A fresh chunk index for a new sequence (None: this policy keeps none)."""
+        return None
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         """One score per selectable chunk, shape [ctx.n_chunks]."""
         raise NotImplementedError
-
-    def index_bytes(self) -> int:
-        """Bytes of the per-sequence chunk index this policy keeps (its own metadata, not KV):
-        measured from the tensors it holds now. Policies without an index keep none."""
-        return 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -75,8 +81,18 @@ class PagePlan:
     """The resident set chosen for one cycle."""
 
     pages: list[int]
-    forced: int        # sink + tail pages among them
     allowed: int       # how many resident pages the budget allows this cycle
+
+
+def reserve_pages(config: LSAConfig, mode: str, max_length: int) -> int:
+    """Device pages a sequence may ever hold: its resident cap at `max_length` tokens plus its open region."""
+    if mode == "all":
+        pages = max_length // config.page_size + config.open_pages
+    elif config.max_pages is not None:
+        pages = config.max_pages
+    else:
+        pages = config.budget_tokens(max_length) // config.page_size + config.open_pages
+    return max(pages, config.open_pages + 1)
 
 
 def allowed_pages(config: LSAConfig, length: int, capacity_pages: int) -> int:
@@ -90,10 +106,10 @@ def choose_pages(policy: SelectionPolicy, ctx: SelectionContext, capacity_pages:
     """Sink + tail + the best-scoring pages, within the budget."""
     cfg, n = ctx.config, ctx.n_pages
     if policy.mode == "all":
-        return PagePlan(list(range(n)), 0, n)
+        return PagePlan(list(range(n)), n)
     allowed = allowed_pages(cfg, ctx.length, capacity_pages)
     if n <= allowed:
-        return PagePlan(list(range(n)), n, allowed)
+        return PagePlan(list(range(n)), allowed)
     sink = set(range(min(cfg.sink_pages, n))) if policy.keep_sink else set()
     tail = set(range(max(0, n - cfg.tail_pages), n))
     forced = sink | tail
@@ -120,4 +136,4 @@ def choose_pages(policy: SelectionPolicy, ctx: SelectionContext, capacity_pages:
     # ties go to newer pages: sort by (score, page index) descending
     order = sorted(candidates.tolist(), key=lambda p: (page_score[p].item(), p), reverse=True)
     chosen = order[: allowed - len(forced)]
-    return PagePlan(sorted(forced | set(chosen)), len(forced), allowed)
+    return PagePlan(sorted(forced | set(chosen)), allowed)

@@ -2,11 +2,11 @@
 
 Inputs are what decoding already produced, so there is no second forward pass:
   - query side: the attention input of the last decoded token at each target layer
-    (`ctx.recorder.hidden(layer)[-1]`, kept by the runtime's hooks);
+    (`ctx.activations.hidden(layer)[-1]`, kept by the runtime's hooks);
   - key side: the compressed keys of every complete chunk (at the indexer's fine run-time
     resolution when it has one), computed from the host mirror's post-RoPE keys the first time the
-    chunk is complete and cached across cycles (`ChunkKeyStore`, fp16 or fp8), so a cycle only
-    compresses the chunks that are new.
+    chunk is complete and kept across cycles in the sequence's `ChunkKeyStore` (fp16 or fp8), so a
+    cycle only compresses the chunks that are new.
 Chunks whose probability exceeds config.threshold (0.5) are wanted; `choose_pages` adds the
 sink and the recency tail and caps the pages at the budget / KMAX, densest pages first.
 """
@@ -49,7 +49,6 @@ class LSAPolicy(SelectionPolicy):
 
     name = "lsa"
     mode = "threshold"
-    needs_queries = True
 
     def __init__(self, checkpoint: str | os.PathLike | NeuralIndexer | None = None, fp8_keys: bool = False,
                  ensemble: str | None = None, fine_key_block: int | None = None):
@@ -64,7 +63,6 @@ class LSAPolicy(SelectionPolicy):
         self.fine_key_block = fine_key_block
         self.indexer: NeuralIndexer | None = checkpoint if isinstance(checkpoint, NeuralIndexer) else None
         self._bound: str | None = None
-        self.store: ChunkKeyStore | None = None
         if self.indexer is not None:
             self._configure()
         elif checkpoint is not None and not Path(checkpoint).exists():
@@ -97,47 +95,46 @@ class LSAPolicy(SelectionPolicy):
         return self
 
     def _configure(self) -> None:
-        if self.ensemble is not None:
-            self.indexer.cfg.ensemble = self.ensemble
-        if self.fine_key_block is not None:
-            if self.indexer.cfg.key_block % self.fine_key_block:
-                raise CheckpointError(f"fine_key_block {self.fine_key_block} does not divide the indexer's key_block "
-                                      f"({self.indexer.cfg.key_block})")
-            self.indexer.cfg.fine_key_block = self.fine_key_block
+        if self.fine_key_block is not None and self.indexer.cfg.key_block % self.fine_key_block:
+            raise CheckpointError(f"fine_key_block {self.fine_key_block} does not divide the indexer's key_block "
+                                  f"({self.indexer.cfg.key_block})")
         self.indexer.eval()
-        self.store = None
 
-    def reset(self) -> None:
-        self.store = None  # a new sequence: its chunks differ
+    @property
+    def key_block(self) -> int:
+        """Tokens per stored key at run time (this policy's override, else the checkpoint's)."""
+        cfg = self.indexer.cfg
+        return self.fine_key_block or cfg.fine_key_block or cfg.key_block
 
     # ------------------------------------------------------------------ scoring
-    @torch.no_grad()
-    def score(self, ctx: SelectionContext) -> torch.Tensor:
-        if ctx.recorder is None:
+    def new_index(self, ctx: SelectionContext) -> ChunkKeyStore:
+        """The sequence's key store: compressed keys of its complete chunks (the lightning index)."""
+        self._check(ctx)
+        cfg = self.indexer.cfg
+        device = ctx.activations.hidden(cfg.layers[0]).device
+        self.indexer.to(device)
+        return ChunkKeyStore(cfg.layers, cfg.key_dim, cfg.chunk_size, fp8=self.fp8_keys, device=device,
+                             key_block=self.key_block)
+
+    def _check(self, ctx: SelectionContext) -> None:
+        if ctx.activations is None:
             raise RuntimeError("the lsa policy reads the decoder's hidden states; run it through LSACache/LSAEngine")
         if self._bound is None:
-            self.bind(ctx.recorder.modules[0])
-        cfg = self.indexer.cfg
-        if ctx.config.chunk_size != cfg.chunk_size:
-            raise CheckpointError(f"the indexer was trained with chunk_size={cfg.chunk_size}, the runtime uses "
-                                  f"chunk_size={ctx.config.chunk_size}; use the same chunk size")
-        hidden = torch.stack([ctx.recorder.hidden(layer)[-1] for layer in cfg.layers])[None].float()
-        device = hidden.device
-        key_block = cfg.fine_key_block or cfg.key_block
-        if self.store is None or self.store.device != device or self.store.key_block != key_block:
-            self.store = ChunkKeyStore(cfg.layers, cfg.key_dim, cfg.chunk_size, fp8=self.fp8_keys, device=device,
-                                       key_block=key_block)
-            self.indexer.to(device)
-        if self.store.n_chunks > ctx.length // cfg.chunk_size:
-            self.store.reset()  # the history was rewound (same policy object, shorter sequence)
-        self.store.extend_from_host(ctx.host_keys, ctx.length)
-        keys = self.store.keys(ctx.n_chunks)
-        position = torch.tensor([ctx.length - 1], device=device)  # the last decoded token
-        return self.indexer(hidden, keys, position, key_block)[0].cpu()
+            self.bind(ctx.activations.modules[0])
+        if ctx.config.chunk_size != self.indexer.cfg.chunk_size:
+            raise CheckpointError(f"the indexer was trained with chunk_size={self.indexer.cfg.chunk_size}, the "
+                                  f"runtime uses chunk_size={ctx.config.chunk_size}; use the same chunk size")
 
-    def index_bytes(self) -> int:
-        """The key store (the lightning index): compressed keys of every complete chunk."""
-        return 0 if self.store is None else self.store.nbytes
+    @torch.no_grad()
+    def score(self, ctx: SelectionContext) -> torch.Tensor:
+        self._check(ctx)
+        cfg = self.indexer.cfg
+        hidden = torch.stack([ctx.activations.hidden(layer)[-1] for layer in cfg.layers])[None].float()
+        store: ChunkKeyStore = ctx.index
+        store.extend_from_host(ctx.host_keys, ctx.length)
+        keys = store.keys(ctx.n_chunks)
+        position = torch.tensor([ctx.length - 1], device=hidden.device)  # the last decoded token
+        return self.indexer(hidden, keys, position, self.key_block, ensemble=self.ensemble)[0].cpu()
 
     def __repr__(self) -> str:
         return f"LSAPolicy(checkpoint={self.checkpoint!r})"

@@ -17,7 +17,6 @@ class OraclePolicy(SelectionPolicy):
     """
 
     name = "oracle"
-    needs_queries = True
     needs_lookahead = True
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:

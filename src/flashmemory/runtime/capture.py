@@ -35,53 +35,53 @@ def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
     return q.reshape(-1, q.shape[-2], head_dim)
 
 
+class Activations:
+    """Attention inputs of some tokens at every layer, with their rotary cos/sin: what policies read."""
+
+    def __init__(self, modules: list[nn.Module], inputs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
+        self.modules, self.inputs, self.cos, self.sin = modules, inputs, cos, sin
+
+    def hidden(self, layer: int) -> torch.Tensor:
+        """[tokens, hidden] attention input (after the layer's input norm) of `layer`."""
+        return self.inputs[layer]
+
+    @torch.no_grad()
+    def queries(self, layers: list[int] | None = None) -> list[torch.Tensor]:
+        """Post-RoPE queries [tokens, heads, head_dim] of these tokens, per layer."""
+        layers = range(len(self.modules)) if layers is None else layers
+        return [project_queries(self.modules[i], self.inputs[i], self.cos, self.sin) for i in layers]
+
+
 class ActivationRecorder:
-    """Keeps each attention layer's input for the last token (or all tokens) of every forward."""
+    """Keeps each attention layer's input for the last token of every row (or, with `keep_all`, for
+    every token of row 0) of the latest forward."""
 
     def __init__(self, model: nn.Module, keep_all: bool = False):
         self.modules = attention_modules(model)
         self.keep_all = keep_all
-        n = len(self.modules)
-        self.inputs: list[torch.Tensor | None] = [None] * n
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
                          for i, m in enumerate(self.modules)]
 
+    def _pick(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[0] if self.keep_all else x[:, -1]).detach().clone()
+
     def _hook(self, layer: int):
         def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            rows = slice(None) if self.keep_all else slice(-1, None)
-            self.inputs[layer] = hidden[0, rows].detach().clone()
+            self.inputs[layer] = self._pick(kwargs.get("hidden_states", args[0] if args else None))
             if layer == 0:
                 cos, sin = kwargs["position_embeddings"]
-                self.cos, self.sin = cos[0, rows].detach().clone(), sin[0, rows].detach().clone()
+                self.cos, self.sin = self._pick(cos), self._pick(sin)
         return hook
 
-    @property
-    def ready(self) -> bool:
-        return self.cos is not None and all(x is not None for x in self.inputs)
-
-    def hidden(self, layer: int) -> torch.Tensor:
-        """[tokens, hidden] attention input (after the layer's input norm) of `layer`."""
-        if self.inputs[layer] is None:
+    def row(self, b: int) -> Activations:
+        """The last token of batch row `b` in the latest forward."""
+        if self.cos is None:
             raise RuntimeError("no forward pass recorded yet")
-        return self.inputs[layer]
-
-    @torch.no_grad()
-    def queries(self, layers: list[int] | None = None) -> list[torch.Tensor]:
-        """Post-RoPE queries [tokens, heads, head_dim] of the recorded tokens, per layer."""
-        if not self.ready:
-            raise RuntimeError("no forward pass recorded yet")
-        layers = range(len(self.modules)) if layers is None else layers
-        return [project_queries(self.modules[i], self.inputs[i], self.cos, self.sin) for i in layers]
-
-    def snapshot(self) -> tuple:
-        return list(self.inputs), self.cos, self.sin
-
-    def restore(self, state: tuple) -> None:
-        inputs, self.cos, self.sin = state
-        self.inputs = list(inputs)
+        r = slice(b, b + 1)
+        return Activations(self.modules, [x[r] for x in self.inputs], self.cos[r], self.sin[r])
 
     def close(self) -> None:
         for h in self._handles:

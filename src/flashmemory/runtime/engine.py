@@ -1,101 +1,139 @@
-"""The generation loop: dense chunked prefill, then cycles of sparse greedy decoding.
+"""LSAEngine: many sequences decoding together over one shared device KV pool.
 
-One prefill can serve many decodes (`decode` rewinds the cache to the prompt), which is what
-makes comparing policies affordable on a CPU. The oracle's lookahead lives here because it
-has to run the model ahead of the current step and then roll back.
+Each call of `step()` is one scheduler iteration (continuous batching):
+  1. admit waiting sequences whose device pages fit the pool (their reservation: the resident
+     cap for a sparse policy, the whole cache for `full`), in arrival order;
+  2. run one prefill piece (`LSAConfig.prefill_chunk` tokens) of the oldest sequence still
+     prefilling, so a long prompt never stalls the running decodes for more than one piece;
+  3. run one decode token for every decoding sequence in a single batched forward (per-row
+     positions, resident sets and lengths); cycles start per sequence where due.
+Sequences join and leave between steps. `generate` submits prompts and steps until they end.
+`prefill` + `decode` share one prefill among several decodes (what policy comparisons use).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Sequence as Seq
 
 import torch
 
-from ..config import LSAConfig
-from ..models.loader import Backbone
-from ..policies import SelectionPolicy, make_policy
+from ..config import EngineConfig, LSAConfig
+from ..memory.block_pool import BlockPool
+from ..memory.mover import PageMover
+from ..memory.pools import DevicePool, HostMirror, KVShape
+from ..models.loader import Backbone, check_architecture
+from ..policies import DEFAULT_POLICY, BudgetError, SelectionPolicy, make_policy
 from .attention_mass import chunk_mass, token_attention
-from .cache import ContextLengthError, LSACache
-from .capture import ActivationRecorder
+from .cache import ContextLengthError, TieredCache
+from .capture import ActivationRecorder, Activations
+from .cycles import CycleScheduler
+from .report import GenerationReport, GenerationResult
+from .sampling import GenerationOptionsError, SamplingParams, sample
+from .sequence import Sequence, Status, TokenEvent
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
 class PromptError(ValueError):
-    """A prompt that cannot be run (empty, or longer than the model's context)."""
+    """A prompt that cannot be run (empty, bad token ids, or longer than the model's context)."""
+
+
+class AdmissionError(ValueError):
+    """A sequence whose device pages can never fit the engine's device memory."""
 
 
 @dataclass
-class GenerationReport:
-    """Measured memory, transfers and timings of one generation."""
+class Prefill:
+    """A prompt's prefilled history, reusable by several decodes one after another."""
 
-    policy: str
-    prompt_tokens: int
-    new_tokens: int
-    cycles: int
-    resident_fraction_per_cycle: list[float]
-    resident_fraction_mean: float
-    resident_fraction_max: float
-    resident_pages_per_cycle: list[int]
-    device_kv_bytes_peak: int          # resident KV bytes attention read on the device (peak over steps)
-    device_kv_bytes_reserved: int      # bytes allocated for the device reserve
-    host_kv_bytes_peak: int            # history bytes in the host mirror (peak)
-    host_kv_bytes_reserved: int
-    full_kv_bytes: int                 # a full cache of the final history
-    prefill_device_kv_bytes_peak: int  # transient device KV of one dense layer during prefill
-    index_bytes: int                   # the policy's chunk index (lsa's key store, quest's min/max), measured
-    transfers: dict
-    transfer_steps: list[int]          # decode step of every transfer (all at cycle starts)
-    prefill_seconds: float
-    decode_seconds: float
-    decode_ms_per_token: float
-    decode_ms: list[float]             # wall time of every decode step (a cycle start included where one fell)
-    config: dict = field(default_factory=dict)
+    host: HostMirror
+    prompt_ids: list[int]
+    logits: torch.Tensor          # next-token logits after the prompt
+    activations: Activations      # attention inputs of the prompt's last token
+    seconds: float
+    max_new_tokens: int
+    dense_device_peak: int
+    in_use: bool = False
+
+
+@dataclass
+class MemoryUsage:
+    """The engine's memory now, counted from the tensors that hold it."""
+
+    device_capacity_bytes: int    # the device pool's storage
+    device_used_bytes: int        # pool pages that hold a sequence's KV now
+    device_reserved_bytes: int    # pool pages reserved by admitted sequences
+    device_free_bytes: int        # capacity - used
+    host_bytes: int               # storage of the running sequences' host mirrors
+    running: int
+    waiting: int
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    report: GenerationReport
-
-
-@dataclass
-class Prefill:
-    """The state after a prompt's prefill, reusable by several decodes."""
-
-    cache: LSACache
-    prompt_ids: list[int]
-    logits: torch.Tensor          # next-token logits after the prompt
-    recorder_state: tuple
-    seconds: float
-    max_new_tokens: int
-    dense_device_peak: int
-
-
 class LSAEngine:
-    """Greedy long-context generation with a tiered KV cache.
+    """Long-context generation for many sequences with a tiered KV cache.
 
         engine = LSAEngine(load_backbone(), LSAConfig(budget=0.15))
-        result = engine.generate("...long prompt...", policy="quest", max_new_tokens=64)
+        result = engine.generate("...long prompt...", policy="lsa", max_new_tokens=64)
+        results = engine.generate([prompt_a, prompt_b], temperature=0.7, seed=1, stop=["\\n\\n"])
+
+    `model` is a `Backbone` from `load_backbone`, or an already loaded transformers causal LM (pass its
+    `tokenizer` for text prompts and output). Use it as a context manager, or call `close()`, to
+    remove the hooks it installs on the model.
     """
 
-    def __init__(self, backbone: Backbone, config: LSAConfig | None = None):
-        self.backbone = backbone
-        self.model = backbone.model
-        self.tokenizer = backbone.tokenizer
+    def __init__(self, model: Backbone | torch.nn.Module, config: LSAConfig | None = None, *,
+                 tokenizer=None, engine_config: EngineConfig | None = None):
+        if isinstance(model, Backbone):
+            self.backbone, tokenizer, model = model, tokenizer or model.tokenizer, model.model
+        else:
+            check_architecture(model.config)
+            self.backbone = None
+        self.model = model
+        self.tokenizer = tokenizer
         self.config = config or LSAConfig()
-        self.device = next(self.model.parameters()).device
-        self.recorder = ActivationRecorder(self.model)
+        self.engine_config = engine_config or EngineConfig()
+        self.device = next(model.parameters()).device
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.shape = KVShape.of(model)
+        page_bytes = self.config.page_size * self.shape.bytes_per_token
+        budget = self.engine_config.device_memory
+        n_slots = 0 if budget is None else budget // page_bytes
+        if budget is not None and n_slots == 0:
+            raise AdmissionError(f"device_memory of {budget} bytes holds no page ({page_bytes} bytes each)")
+        self.pool = DevicePool(self.shape, n_slots, self.config.page_size, self.device)
+        self.blocks = BlockPool(n_slots)
+        self.cache = TieredCache(self.pool)
+        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), self._lookahead)
+        self.recorder = ActivationRecorder(model)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._next_id = 0
+        self._eos = self._eos_ids()
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Remove the hooks this engine installed on the model."""
+        self.recorder.close()
+
+    def __enter__(self) -> "LSAEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         """Token ids of a prompt; `chat` wraps it in the model's chat template as a user turn."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty")
+        if self.tokenizer is None:
+            raise PromptError("this engine has no tokenizer: pass token ids, or LSAEngine(model, tokenizer=...)")
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise PromptError("this model has no chat template; run without --chat")
@@ -106,129 +144,365 @@ class LSAEngine:
             return list(ids)
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
+    def _prompt_ids(self, prompt: str | Seq[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt, chat=chat)
+        ids = prompt.flatten().tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+            raise PromptError(f"token ids must be integers in [0, {vocab})")
+        return ids
+
     def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
-        limit = self.backbone.max_context
         if n_prompt == 0:
             raise PromptError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if limit and n_prompt + max_new_tokens > limit:
+        if self.max_context and n_prompt + max_new_tokens > self.max_context:
             raise PromptError(f"the prompt has {n_prompt} tokens; with {max_new_tokens} new tokens that exceeds "
-                              f"the model's context of {limit} tokens")
+                              f"the model's context of {self.max_context} tokens")
 
-    # ------------------------------------------------------------------ prefill
-    @torch.no_grad()
-    def prefill(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 64) -> Prefill:
-        """Dense prefill in pieces of `config.prefill_chunk` tokens (bounded activation memory)."""
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-        self._check_length(ids.numel(), max_new_tokens)
-        # room for the oracle's lookahead past the last token, within the model's context
-        room = ids.numel() + max_new_tokens + self.config.tau
-        cache = LSACache(self.model, self.config, policy="full", recorder=self.recorder,
-                         max_length=min(room, self.backbone.max_context or room))
-        start = time.perf_counter()
-        logits = None
-        for lo in range(0, ids.numel(), self.config.prefill_chunk):
-            piece = ids[lo: lo + self.config.prefill_chunk].to(self.device)[None]
-            out = self.model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].float()
-        seconds = time.perf_counter() - start
-        return Prefill(cache, ids.tolist(), logits, self.recorder.snapshot(), seconds, max_new_tokens,
-                       cache.stats.dense_device_peak)
+    def _room(self, n_prompt: int, max_new_tokens: int, lookahead: bool) -> int:
+        """Tokens a sequence may hold: prompt + new tokens (+ tau for the oracle to decode ahead)."""
+        room = n_prompt + max_new_tokens + (self.config.tau if lookahead else 0)
+        return min(room, self.max_context) if self.max_context else room
 
-    # ------------------------------------------------------------------ decode
-    @torch.no_grad()
-    def decode(self, prefill: Prefill, policy: str | SelectionPolicy = "full", max_new_tokens: int | None = None,
-               config: LSAConfig | None = None, stop_at_eos: bool = True) -> GenerationResult:
-        """Greedy decoding from a prefill with `policy` choosing the resident set every tau steps."""
-        n_new = prefill.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if n_new > prefill.max_new_tokens:
-            raise ValueError(f"this prefill reserved room for {prefill.max_new_tokens} new tokens, asked {n_new}")
-        self._check_length(len(prefill.prompt_ids), n_new)
+    # ------------------------------------------------------------------ submitting
+    def submit(self, prompt: str | Seq[int], policy: str | SelectionPolicy = DEFAULT_POLICY, *,
+               config: LSAConfig | None = None, chat: bool = False,
+               on_token: Callable[[TokenEvent], None] | None = None, **options) -> Sequence:
+        """Queue one prompt; it is admitted, prefilled and decoded by later `step()` calls.
+
+        options: the fields of `SamplingParams` (max_new_tokens, temperature, top_p, top_k, seed, stop,
+        stop_at_eos). `on_token` receives a `TokenEvent` after every generated token.
+        """
+        sampling = self._sampling(options)
+        policy = self._policy(policy)
+        cfg = self._config(config)
+        ids = self._prompt_ids(prompt, chat)
+        self._check_length(len(ids), sampling.max_new_tokens)
+        seq = Sequence(self._new_id(), ids, policy, cfg, sampling,
+                       self._room(len(ids), sampling.max_new_tokens, policy.needs_lookahead), on_token)
+        self._enqueue(seq)
+        return seq
+
+    def _sampling(self, options: dict) -> SamplingParams:
+        unknown = sorted(set(options) - _SAMPLING_FIELDS)
+        if unknown:
+            raise GenerationOptionsError(f"unknown generation option(s) {', '.join(unknown)}; "
+                                         f"known: {', '.join(sorted(_SAMPLING_FIELDS))}")
+        return SamplingParams(**options)
+
+    def _policy(self, policy: str | SelectionPolicy) -> SelectionPolicy:
         policy = make_policy(policy)
-        cache = prefill.cache
-        cache.rewind(len(prefill.prompt_ids))
-        cache.restart(policy, config or self.config)
-        self.recorder.restore(prefill.recorder_state)
-        lookahead = (lambda: self._lookahead(cache, pending)) if policy.needs_lookahead else None
-        eos = self._eos_ids() if stop_at_eos else set()
+        policy.bind(self.model)
+        return policy
 
-        tokens: list[int] = []
-        step_ms: list[float] = []
-        pending = int(prefill.logits.argmax())
-        for step in range(n_new):
-            tokens.append(pending)
-            if pending in eos or step == n_new - 1:
-                break
-            t0 = time.perf_counter()
-            if not cache.sparse or cache._cycle_step >= cache.config.tau:
-                cache.start_cycle(lookahead)
-            inp = torch.tensor([[pending]], device=self.device)
-            logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits[0, -1]
-            pending = int(logits.argmax())  # .item() synchronises, so the step time is real
-            step_ms.append(1000.0 * (time.perf_counter() - t0))
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(text, tokens, self._report(cache, policy, prefill, len(tokens), step_ms))
+    def _config(self, config: LSAConfig | None) -> LSAConfig:
+        cfg = config or self.config
+        if cfg.page_size != self.pool.page_size:
+            raise ValueError(f"page_size {cfg.page_size} differs from the engine's device pool "
+                             f"({self.pool.page_size}); make another engine for another page size")
+        return cfg
 
-    def generate(self, prompt: str | Sequence[int], policy: str | SelectionPolicy = "full",
-                 max_new_tokens: int = 64, chat: bool = False, config: LSAConfig | None = None) -> GenerationResult:
-        """Prefill then decode in one call."""
-        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
-        make_policy(policy)  # fail on an unknown policy before the (slow) prefill
-        return self.decode(self.prefill(ids, max_new_tokens), policy, max_new_tokens, config)
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
 
+    def _enqueue(self, seq: Sequence) -> None:
+        if self.engine_config.device_memory is not None and seq.reserved_pages > self.blocks.n_slots:
+            raise AdmissionError(
+                f"this sequence needs {seq.reserved_pages * self.pool.page_bytes} bytes of device KV "
+                f"({seq.reserved_pages} pages), more than the engine's device_memory holds "
+                f"({self.blocks.n_slots} pages): lower the budget or the length, or raise device_memory")
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now; its device pages and host memory are released at once."""
+        if seq.finished:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "cancelled")
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One scheduler iteration: admit, one prefill piece, one batched decode token."""
+        self._admit()
+        prefilling = next((s for s in self.running if s.status is Status.PREFILL), None)
+        if prefilling is not None:
+            self._guard(prefilling, self._prefill_piece, prefilling)
+        decoding = [s for s in self.running if s.status is Status.DECODE]
+        for seq in decoding:
+            if self.scheduler.due(seq):
+                self._guard(seq, self.scheduler.start_cycle, seq)
+        decoding = [s for s in decoding if not s.finished]
+        if decoding:
+            self._decode(decoding)
+
+    def run(self, seqs: list[Sequence] | None = None) -> None:
+        """Step until the given sequences (default: all) have finished."""
+        while (any(not s.finished for s in seqs) if seqs is not None else self.has_work):
+            self.step()
+
+    def _guard(self, seq: Sequence, fn, *args) -> None:
+        """Run one sequence's work; a failure ends that sequence (reason "error"), not the others."""
+        try:
+            fn(*args)
+        except (BudgetError, ContextLengthError, ValueError, RuntimeError) as exc:
+            seq.error = exc
+            self._finish(seq, "error")
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.engine_config.max_batch:
+            seq = self.waiting[0]
+            if not self.blocks.reserve(seq.reserved_pages):
+                if self.engine_config.device_memory is not None:
+                    return  # wait until running sequences free their pages
+                n = self.blocks.n_slots + seq.reserved_pages - self.blocks.unreserved
+                self.pool.grow(n)
+                self.blocks.grow(n)
+                self.blocks.reserve(seq.reserved_pages)
+            self.waiting.popleft()
+            seq.admitted = True
+            self.running.append(seq)
+            if seq.host is None:
+                seq.host = HostMirror(self.shape, seq.max_length, pin=self.device.type == "cuda")
+                seq.status = Status.PREFILL
+            else:  # decoding from a shared prefill: its first token comes from the prefill's logits
+                seq.status = Status.DECODE
+                self._emit(seq, sample(seq.first_logits, seq.sampling, seq.sampler))
+            seq.memory.host_reserved_bytes = seq.host.allocated_bytes
+
+    def _dense(self, seq: Sequence, ids: list[int], start: int) -> torch.Tensor:
+        """A dense forward of one sequence's tokens at `start`; next-token logits of the last one."""
+        plan = self.cache.plan_dense(seq, start, len(ids))
+        try:
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=plan.position_ids,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.cache.plan = None
+        return out.logits[0, -1]
+
+    def _prefill_piece(self, seq: Sequence) -> None:
+        t0 = time.perf_counter()
+        lo = seq.prefilled
+        hi = min(lo + seq.config.prefill_chunk, len(seq.prompt_ids))
+        logits = self._dense(seq, seq.prompt_ids[lo:hi], lo)
+        seq.prefilled = seq.length = seq.host.length = hi
+        seq.memory.sample(0, seq.host.nbytes, seq.full_kv_bytes)
+        token = None
+        if hi == len(seq.prompt_ids):
+            seq.activations = self.recorder.row(0)
+            seq.status = Status.DECODE
+            token = sample(logits.float(), seq.sampling, seq.sampler)
+        seq.prefill_seconds += time.perf_counter() - t0
+        if token is not None:
+            self._emit(seq, token)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        t0 = time.perf_counter()
+        plan = self.cache.plan_decode(seqs)
+        ids = torch.tensor([[s.pending] for s in seqs], device=self.device)
+        try:
+            out = self.model(input_ids=ids, position_ids=plan.position_ids, attention_mask=plan.attention_mask,
+                             past_key_values=self.cache, use_cache=True)
+            self.cache.finish_decode()
+        finally:
+            self.cache.plan = None
+        logits = out.logits[:, -1]
+        if all(s.sampling.greedy for s in seqs):
+            tokens = logits.argmax(-1).tolist()  # one synchronisation for the batch
+        else:
+            tokens = [sample(logits[b], s.sampling, s.sampler) for b, s in enumerate(seqs)]
+        ms = 1000.0 * (time.perf_counter() - t0)
+        for b, (seq, token) in enumerate(zip(seqs, tokens)):
+            seq.activations = self.recorder.row(b)
+            seq.decode_ms.append(ms)
+            self._emit(seq, token)
+
+    # ------------------------------------------------------------------ output
     def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        gen = getattr(self.model, "generation_config", None)
+        eos = gen.eos_token_id if gen is not None else None
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
 
-    # ------------------------------------------------------------------ oracle support
-    def _lookahead(self, cache: LSACache, first_token: int) -> torch.Tensor:
-        """Decode tau tokens ahead with the full history, record per-layer chunk attention, roll back.
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-        Returns [steps, layers, chunks] attention mass of each future token.
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        reason = "stop" if seq.sampling.stop_at_eos and token in self._eos else None
+        text = self._text(seq.output_ids)
+        hits = [text.find(s) for s in seq.sampling.stop if s in text]
+        if hits:
+            text, reason = text[:min(hits)], "stop"
+        if reason is None and (len(seq.output_ids) >= seq.sampling.max_new_tokens or seq.length >= seq.max_length):
+            reason = "length"
+        seq.text = text
+        visible = text
+        if reason is None:  # hold back what may be the start of a stop string, or half a character
+            hold = max((len(s) - 1 for s in seq.sampling.stop), default=0)
+            visible = text[: len(text) - hold].rstrip("\ufffd")
+        delta = visible[seq.emitted:] if len(visible) > seq.emitted else ""
+        seq.emitted = max(seq.emitted, len(visible))
+        seq.pending = token
+        if reason is not None:
+            self._finish(seq, reason)
+        if seq.on_token is not None:
+            seq.on_token(TokenEvent(seq, token, delta, reason is not None, reason))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.admitted:
+            self.scheduler.release(seq)
+            self.blocks.unreserve(seq.reserved_pages)
+            seq.admitted = False
+        if seq.release_prefill is not None:
+            seq.release_prefill()
+            seq.release_prefill = None
+        seq.host = None  # a shared prefill keeps its own reference
+        seq.activations = None
+        if reason in ("cancelled", "error") and seq.on_token is not None:
+            seq.on_token(TokenEvent(seq, -1, "", True, reason))
+
+    def result(self, seq: Sequence) -> GenerationResult:
+        """The text, token ids and measured report of a finished sequence (its error, if it failed)."""
+        if not seq.finished:
+            raise RuntimeError(f"{seq} has not finished")
+        if seq.error is not None:
+            raise seq.error
+        return GenerationResult(seq.text, list(seq.output_ids), GenerationReport.of(seq, self.pool.page_bytes))
+
+    def memory(self) -> MemoryUsage:
+        """Device and host bytes in use now."""
+        page = self.pool.page_bytes
+        capacity = self.pool.allocated_bytes
+        return MemoryUsage(capacity, self.blocks.used * page, self.blocks.reserved * page,
+                           capacity - self.blocks.used * page,
+                           sum(s.host.allocated_bytes for s in self.running if s.host is not None),
+                           len(self.running), len(self.waiting))
+
+    # ------------------------------------------------------------------ one call
+    def generate(self, prompts: str | Seq[int] | list[str] | list[list[int]],
+                 policy: str | SelectionPolicy = DEFAULT_POLICY, *, chat: bool = False,
+                 config: LSAConfig | None = None, on_token: Callable[[TokenEvent], None] | None = None,
+                 **options) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (a string or token ids) or a list of prompts, decoded together.
+
+        options: the fields of `SamplingParams` (max_new_tokens=64, temperature=0 (greedy), top_p,
+        top_k, seed, stop, stop_at_eos). Returns one result, or a list in the prompts' order.
         """
-        cfg = cache.config
-        saved = self.recorder.snapshot()
-        base = cache.length
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)) \
+            or isinstance(prompts, torch.Tensor)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise PromptError("no prompts given")
+        seqs = []
+        try:
+            for p in batch:
+                seqs.append(self.submit(p, policy, config=config, chat=chat, on_token=on_token, **options))
+            self.run(seqs)
+        except BaseException:
+            for s in seqs:
+                self.cancel(s)
+            raise
+        results = [self.result(s) for s in seqs]
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------ one prefill, many decodes
+    @torch.no_grad()
+    def prefill(self, prompt_ids: Seq[int] | torch.Tensor, max_new_tokens: int = 64) -> Prefill:
+        """Dense prefill in pieces of `config.prefill_chunk` tokens (bounded activation memory), kept for `decode`."""
+        ids = self._prompt_ids(prompt_ids, chat=False)
+        self._check_length(len(ids), max_new_tokens)
+        room = self._room(len(ids), max_new_tokens, lookahead=True)
+        seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new_tokens), room)
+        seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
+        t0 = time.perf_counter()
+        logits = None
+        for lo in range(0, len(ids), self.config.prefill_chunk):
+            piece = ids[lo: lo + self.config.prefill_chunk]
+            logits = self._dense(seq, piece, lo)
+            seq.host.length = lo + len(piece)
+        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), time.perf_counter() - t0,
+                       max_new_tokens, seq.memory.dense_device_peak)
+
+    def decode(self, prefill: Prefill, policy: str | SelectionPolicy = DEFAULT_POLICY,
+               max_new_tokens: int | None = None, config: LSAConfig | None = None,
+               stop_at_eos: bool = True) -> GenerationResult:
+        """Greedy decoding from a prefill, with `policy` choosing the resident set every tau steps."""
+        seq = self.submit_prefilled(prefill, policy, config=config, max_new_tokens=max_new_tokens,
+                                    stop_at_eos=stop_at_eos)
+        try:
+            self.run([seq])
+        except BaseException:
+            self.cancel(seq)
+            raise
+        return self.result(seq)
+
+    def submit_prefilled(self, prefill: Prefill, policy: str | SelectionPolicy = DEFAULT_POLICY, *,
+                         config: LSAConfig | None = None, on_token: Callable[[TokenEvent], None] | None = None,
+                         **options) -> Sequence:
+        """Queue a decode that continues a `prefill` (one running decode per prefill at a time)."""
+        options.setdefault("max_new_tokens", prefill.max_new_tokens)
+        if options["max_new_tokens"] is None:
+            options["max_new_tokens"] = prefill.max_new_tokens
+        sampling = self._sampling(options)
+        if sampling.max_new_tokens > prefill.max_new_tokens:
+            raise ValueError(f"this prefill reserved room for {prefill.max_new_tokens} new tokens, "
+                             f"asked {sampling.max_new_tokens}")
+        if prefill.in_use:
+            raise RuntimeError("this prefill is being decoded by a running sequence; decode it again after that one "
+                               "ends, or prefill again")
+        policy = self._policy(policy)
+        cfg = self._config(config)
+        n = len(prefill.prompt_ids)
+        self._check_length(n, sampling.max_new_tokens)
+        seq = Sequence(self._new_id(), prefill.prompt_ids, policy, cfg, sampling, prefill.host.capacity, on_token)
+        seq.host, seq.length, seq.prefilled = prefill.host, n, n
+        prefill.host.length = n  # forget what an earlier decode appended
+        seq.activations = prefill.activations
+        seq.first_logits = prefill.logits
+        seq.prefill_seconds = prefill.seconds
+        seq.memory.dense_device_peak = prefill.dense_device_peak
+        prefill.in_use = True
+        seq.release_prefill = lambda: setattr(prefill, "in_use", False)
+        try:
+            self._enqueue(seq)
+        except AdmissionError:
+            seq.release_prefill()
+            raise
+        return seq
+
+    # ------------------------------------------------------------------ oracle support
+    def _lookahead(self, seq: Sequence) -> torch.Tensor:
+        """Decode tau tokens ahead of `seq` over its whole history, record per-layer chunk attention, roll back.
+
+        Returns [steps, layers, chunks] attention mass of each future token. The tokens written
+        past the history are overwritten by the real decode (the host mirror's length is unchanged).
+        """
+        cfg, base = seq.config, seq.length
         masses = []
-        token = first_token
-        with cache.dense_scope():
-            for _ in range(min(cfg.tau, cache.max_length - cache.length)):
-                inp = torch.tensor([[token]], device=self.device)
-                logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits[0, -1]
-                token = int(logits.argmax())
-                per_layer = []
-                for layer, q in enumerate(self.recorder.queries()):
-                    k = cache.host.k[layer, :, : cache.length].to(q.device)
-                    per_layer.append(chunk_mass(token_attention(q, k), cfg.chunk_size)[0])
-                masses.append(torch.stack(per_layer).cpu())
-            cache.rewind(base)
-        self.recorder.restore(saved)
+        token = seq.pending
+        for i in range(min(cfg.tau, seq.max_length - base)):
+            token = int(self._dense(seq, [token], base + i).argmax())
+            per_layer = []
+            for layer, q in enumerate(self.recorder.row(0).queries()):
+                k = seq.host.k[layer, :, : base + i + 1].to(q.device)
+                per_layer.append(chunk_mass(token_attention(q, k), cfg.chunk_size)[0])
+            masses.append(torch.stack(per_layer).cpu())
         n = base // cfg.chunk_size
         return torch.stack([m[:, :n] for m in masses])
 
-    # ------------------------------------------------------------------ report
-    def _report(self, cache: LSACache, policy: SelectionPolicy, prefill: Prefill, n_tokens: int,
-                step_ms: list[float]) -> GenerationReport:
-        cycles = cache.stats.cycles
-        fractions = [c.resident_fraction for c in cycles]
-        mem = cache.stats.memory
-        decode_s = sum(step_ms) / 1000.0  # the first token comes from the prefill's logits
-        return GenerationReport(
-            policy=policy.name, prompt_tokens=len(prefill.prompt_ids), new_tokens=n_tokens, cycles=len(cycles),
-            resident_fraction_per_cycle=fractions,
-            resident_fraction_mean=sum(fractions) / len(fractions) if fractions else 0.0,
-            resident_fraction_max=max(fractions) if fractions else 0.0,
-            resident_pages_per_cycle=[c.pages for c in cycles],
-            device_kv_bytes_peak=mem.device_kv_bytes_peak, device_kv_bytes_reserved=mem.device_reserved_bytes,
-            host_kv_bytes_peak=mem.host_kv_bytes_peak, host_kv_bytes_reserved=mem.host_reserved_bytes,
-            full_kv_bytes=cache.full_kv_bytes, prefill_device_kv_bytes_peak=prefill.dense_device_peak,
-            index_bytes=policy.index_bytes(),
-            transfers=cache.stats.transfers.to_dict(), transfer_steps=list(cache.stats.transfers.steps),
-            prefill_seconds=prefill.seconds, decode_seconds=decode_s,
-            decode_ms_per_token=sum(step_ms) / max(1, len(step_ms)), decode_ms=step_ms,
-            config=cache.config.to_dict())
 
-
-__all__ = ["LSAEngine", "GenerationResult", "GenerationReport", "Prefill", "PromptError", "ContextLengthError"]
+__all__ = ["LSAEngine", "GenerationResult", "GenerationReport", "Prefill", "PromptError", "AdmissionError",
+           "MemoryUsage", "ContextLengthError"]

@@ -32,7 +32,7 @@ import torch
 from ..config import LSAConfig
 from ..indexer.keystore import compress_keys
 from ..policies.base import SelectionContext
-from ..policies.quest import QuestPolicy
+from ..policies.quest import QuestIndex, QuestPolicy
 from .corpus import TraceDocument
 from .labels import layer_votes, window_max
 
@@ -166,19 +166,6 @@ def followup_ids(tokenizer, question: str, chat: bool) -> list[int]:
     return tokenizer("\nQuestion: " + question + "\nAnswer:", add_special_tokens=False)["input_ids"]
 
 
-class _AnchorQueries:
-    """What QuestPolicy reads from a recorder, for one anchor of a recorded forward."""
-
-    def __init__(self, modules, hidden: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, row: int):
-        self.modules, self.hidden, self.cos, self.sin, self.row = modules, hidden, cos, sin, row
-
-    def queries(self, layers=None) -> list[torch.Tensor]:
-        from ..runtime.capture import project_queries
-        layers = range(len(self.modules)) if layers is None else layers
-        r = slice(self.row, self.row + 1)
-        return [project_queries(self.modules[i], self.hidden[i][r], self.cos[r], self.sin[r]) for i in layers]
-
-
 class _Feeder:
     """Feeds tokens through the backbone with one cache, keeping layer inputs from position `first` on."""
 
@@ -229,7 +216,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 @torch.no_grad()
 def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Run the backbone over one document; return its tensors and metadata (see the module docstring)."""
-    from ..runtime.capture import ActivationRecorder, project_queries
+    from ..runtime.capture import ActivationRecorder, Activations, project_queries
 
     model, tok = backbone.model, backbone.tokenizer
     info = backbone_info(backbone)
@@ -283,13 +270,14 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
     lsa = LSAConfig(chunk_size=cfg.chunk_size, page_size=cfg.page_size, tau=cfg.tau,
                     sink_tokens=cfg.sink_tokens, tail_tokens=cfg.tail_tokens)
     host_keys = torch.stack(keys)
-    quest, policy = torch.zeros(len(anchors), n_chunks), QuestPolicy()
+    quest, policy, index = torch.zeros(len(anchors), n_chunks), QuestPolicy(), QuestIndex()
     for i, a in enumerate(anchors.tolist() if cfg.quest_baseline else []):
         n_pages = (a + 1) // cfg.page_size
         if n_pages == 0:
             continue
+        r = slice(a - first, a - first + 1)
         ctx = SelectionContext(config=lsa, length=a + 1, n_pages=n_pages, cycle=i, host_keys=host_keys,
-                               recorder=_AnchorQueries(modules, hidden, cos, sin, a - first))
+                               activations=Activations(modules, [h[r] for h in hidden], cos[r], sin[r]), index=index)
         s = policy.score(ctx)
         quest[i, : s.numel()] = s
 

@@ -1,0 +1,45 @@
+"""Command-line options derived from the config dataclasses, so each default lives once.
+
+`add_options(parser, LSAConfig, [...])` adds `--chunk-size` etc. with the dataclass's default and
+the help text in its field metadata; `build(LSAConfig, args, [...])` makes the config back from the
+parsed arguments (validation, and its error messages, stay in the dataclass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type(cls, f: dataclasses.Field):
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0]
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, names: list[str]) -> None:
+    """Add one option per named field of dataclass `cls` (default and help from the field)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f = by_name[name]
+        default = f.default
+        help_text = f.metadata.get("help", "")
+        if default is not None:
+            help_text += f" (default: {default})"
+        kind = _type(cls, f)
+        if kind is bool:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(_flag(name), type=kind, default=default, help=help_text)
+
+
+def build(cls, args: argparse.Namespace, names: list[str], **overrides):
+    """An instance of `cls` from parsed options (fields not named keep their defaults)."""
+    values = {name: getattr(args, name) for name in names}
+    values.update(overrides)
+    return cls(**values)

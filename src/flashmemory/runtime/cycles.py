@@ -1,0 +1,92 @@
+"""The cycle schedule: the one place that decides when a sequence's resident set changes.
+
+Every sequence runs its own cycles of `tau` decode steps (boundaries are per sequence, not
+aligned across the batch: a newcomer starts decoding as soon as its prefill ends instead of
+waiting for everyone else's boundary, and one boundary's copies stall the batch for that
+sequence's recalls only). At a boundary, `start_cycle`:
+  1. offloads the tokens decoded during the last cycle from the device to the host mirror;
+  2. asks the policy for the resident pages (`policies.choose_pages`: sink, tail, budget);
+     the oracle's lookahead, when the policy needs one, runs here and only here;
+  3. frees the slots of pages that leave, takes slots for pages that arrive and recalls them,
+     and lays out the open region (the unfinished page and room for tau new tokens).
+Nothing moves between the tiers inside a cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..memory.block_pool import BlockPool
+from ..memory.mover import PageMover
+from ..memory.pools import DevicePool
+from ..policies import SelectionContext, choose_pages
+from .sequence import CycleRecord, Sequence
+
+Lookahead = Callable[[Sequence], torch.Tensor]
+
+
+class CycleScheduler:
+    """Starts cycles for sequences that are due, and drops a finished sequence's pages."""
+
+    def __init__(self, pool: DevicePool, blocks: BlockPool, mover: PageMover, lookahead: Lookahead | None = None):
+        self.pool, self.blocks, self.mover, self.lookahead = pool, blocks, mover, lookahead
+
+    @staticmethod
+    def due(seq: Sequence) -> bool:
+        return seq.cycle_index is None or seq.cycle_step >= seq.config.tau
+
+    def before_decode(self, seqs: list[Sequence]) -> None:
+        """Start a cycle for every sequence whose cycle is over (or that has none yet)."""
+        for seq in seqs:
+            if self.due(seq):
+                self.start_cycle(seq)
+
+    def _offload(self, seq: Sequence) -> None:
+        """Copy the tokens decoded since the last boundary from their open pages to the host mirror."""
+        P, pos = seq.config.page_size, seq.host.length
+        while pos < seq.length:
+            page, offset = divmod(pos, P)
+            n = min(P - offset, seq.length - pos)
+            self.mover.offload(seq.host, pos, seq.table.slot_of[page], offset, n, seq.transfers, seq.step)
+            pos += n
+        seq.host.length = seq.length
+
+    def start_cycle(self, seq: Sequence) -> None:
+        """Begin a cycle of `seq` now: offload new tokens, choose the resident set, recall what is missing."""
+        cfg, P = seq.config, seq.config.page_size
+        if seq.length == 0:
+            raise RuntimeError("nothing to decode from: prefill first")
+        with self.mover.copies():
+            self._offload(seq)
+        n_pages = seq.length // P
+        ctx = SelectionContext(config=cfg, length=seq.length, n_pages=n_pages, cycle=len(seq.cycles),
+                               host_keys=seq.host.k, activations=seq.activations, generator=seq.rng)
+        if seq.index is None:
+            seq.index = seq.policy.new_index(ctx)
+        ctx.index = seq.index
+        if seq.policy.needs_lookahead and self.lookahead is not None:
+            ctx.lookahead = lambda: self.lookahead(seq)
+        plan = choose_pages(seq.policy, ctx, seq.reserved_pages)
+        open_pages = list(range(n_pages, n_pages + cfg.open_pages))
+        drop, incoming = seq.table.diff(plan.pages + open_pages)
+        seq.table.drop(list(drop))
+        self.blocks.free(list(drop.values()))
+        seq.table.assign(incoming, self.blocks.allocate(len(incoming)))
+        partial = seq.length - n_pages * P
+        with self.mover.copies():
+            for page in incoming:
+                n = P if page < n_pages else (partial if page == n_pages else 0)
+                if n:
+                    self.mover.recall(seq.host, page * P, seq.table.slot_of[page], 0, n, seq.transfers, seq.step)
+        seq.cycle_index = self.pool.token_index(seq.table.slots(plan.pages) + seq.table.slots(open_pages))
+        seq.resident_tokens = len(plan.pages) * P
+        seq.open_start = n_pages * P
+        seq.cycle_step = 0
+        seq.cycles.append(CycleRecord(seq.step, seq.length, len(plan.pages), plan.allowed, seq.attended / seq.length))
+
+    def release(self, seq: Sequence) -> None:
+        """Return every page slot of `seq` to the pool (it stops decoding)."""
+        self.blocks.free(seq.table.clear())
+        seq.cycle_index = None

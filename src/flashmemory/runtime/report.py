@@ -1,0 +1,69 @@
+"""What a finished sequence reports: measured memory, transfers and timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .sequence import Sequence
+
+
+@dataclass
+class GenerationReport:
+    """Measured memory, transfers and timings of one sequence."""
+
+    policy: str
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str | None
+    cycles: int
+    resident_fraction_per_cycle: list[float]
+    resident_fraction_mean: float
+    resident_fraction_max: float
+    resident_pages_per_cycle: list[int]
+    device_kv_bytes_peak: int          # bytes of the pool pages this sequence held (peak over steps)
+    device_kv_bytes_reserved: int      # bytes of the pool pages reserved for it at admission
+    host_kv_bytes_peak: int            # history bytes in its host mirror (peak)
+    host_kv_bytes_reserved: int
+    full_kv_bytes: int                 # a full cache of the final history
+    prefill_device_kv_bytes_peak: int  # transient device KV of one dense layer during prefill
+    index_bytes: int                   # the policy's chunk index (lsa's key store, quest's min/max), measured
+    transfers: dict
+    transfer_steps: list[int]          # decode step of every transfer (all at cycle starts)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_ms_per_token: float
+    decode_ms: list[float]             # wall time of every decode step (a cycle start included where one fell)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, seq: Sequence, page_bytes: int) -> "GenerationReport":
+        fractions = [c.resident_fraction for c in seq.cycles]
+        mem = seq.memory
+        return cls(
+            policy=seq.policy.name, prompt_tokens=len(seq.prompt_ids), new_tokens=len(seq.output_ids),
+            finish_reason=seq.finish_reason, cycles=len(seq.cycles), resident_fraction_per_cycle=fractions,
+            resident_fraction_mean=sum(fractions) / len(fractions) if fractions else 0.0,
+            resident_fraction_max=max(fractions) if fractions else 0.0,
+            resident_pages_per_cycle=[c.pages for c in seq.cycles],
+            device_kv_bytes_peak=mem.device_kv_bytes_peak, device_kv_bytes_reserved=seq.reserved_pages * page_bytes,
+            host_kv_bytes_peak=mem.host_kv_bytes_peak, host_kv_bytes_reserved=mem.host_reserved_bytes,
+            full_kv_bytes=mem.full_kv_bytes_peak, prefill_device_kv_bytes_peak=mem.dense_device_peak,
+            index_bytes=int(seq.index.nbytes) if seq.index is not None else 0,
+            transfers=seq.transfers.to_dict(), transfer_steps=list(seq.transfers.steps),
+            prefill_seconds=seq.prefill_seconds, decode_seconds=sum(seq.decode_ms) / 1000.0,
+            decode_ms_per_token=sum(seq.decode_ms) / max(1, len(seq.decode_ms)), decode_ms=list(seq.decode_ms),
+            config=seq.config.to_dict())
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    report: GenerationReport
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.report.finish_reason
