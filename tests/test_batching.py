@@ -162,3 +162,27 @@ def test_streaming_callback_sees_every_token(model):
     assert [e.token_id for e in events] == result.token_ids
     assert events[-1].finished and events[-1].finish_reason == "length" and not any(e.finished for e in events[:-1])
     torch.testing.assert_close(torch.tensor(len(events)), torch.tensor(12))
+
+
+def test_hybrid_model_keeps_only_windows_on_the_device_and_tiers_global_layers():
+    from tiny import tiny_gemma3
+
+    model = tiny_gemma3(window=64)
+    prompts = random_prompts((1400, 1700))
+    with LSAEngine(model, LSAConfig(budget=0.25)) as engine:
+        assert engine.layout.sliding == (0, 2) and engine.layout.tiered == (1, 3)
+        seqs = [engine.submit(p, "quest", max_new_tokens=NEW, stop_at_eos=False) for p in prompts]
+
+        def check(e):
+            window_storage = e.window_pool.k.untyped_storage().nbytes() + e.window_pool.v.untyped_storage().nbytes()
+            ring_bytes = window_storage // (e.window_pool.k.shape[2] // 64)  # one 64-token ring per slot
+            pages = sum(len(s.table) for s in e.running) * e.pool.page_bytes
+            assert e.memory().device_used_bytes == pages + ring_bytes * len(e.running)
+            assert e.memory().device_capacity_bytes == window_storage + e.pool.k.untyped_storage().nbytes() * 2
+        drive(engine, seqs[:1], check)
+        engine.run(seqs)
+        report = engine.result(seqs[1]).report
+    assert report.tiered_layers == [1, 3]
+    assert report.device_window_bytes == 64 * 2 * 2 * 1 * 16 * 4  # window * (K, V) * sliding layers * kv * dim * fp32
+    assert report.resident_fraction_max <= 0.25
+    assert 0 < report.model_kv_share < 1

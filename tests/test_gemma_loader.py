@@ -10,7 +10,6 @@ from transformers import AutoConfig, Gemma3TextConfig
 from flashmemory.models.loader import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
-    HYBRID_ARCHITECTURES,
     SUPPORTED_ARCHITECTURES,
     BackboneError,
     check_architecture,
@@ -78,12 +77,9 @@ def test_unknown_embedded_model(empty_home):
         embedded_model_dir("gemma-9")
 
 
-def test_hybrid_architecture_is_known_but_not_enabled():
-    assert HYBRID_ARCHITECTURES == {"Gemma3ForCausalLM": "gemma3_text"}
-    assert not set(HYBRID_ARCHITECTURES) & set(SUPPORTED_ARCHITECTURES)
+def test_hybrid_architecture_is_supported():
     config = Gemma3TextConfig(architectures=["Gemma3ForCausalLM"])
-    with pytest.raises(BackboneError, match="Gemma3ForCausalLM mixes sliding-window and global attention"):
-        check_architecture(config)
+    assert check_architecture(config) == SUPPORTED_ARCHITECTURES["Gemma3ForCausalLM"] == "gemma3_text"
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(module) is None for module, _ in EMBEDDED_MODELS[GEMMA].parts),

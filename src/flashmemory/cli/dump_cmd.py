@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
+from ..traces.dump import DumpConfig
 from .errors import HelpFormatter, USER_ERRORS, fail
+from .options import add_options, build
+
+#: DumpConfig fields derived as options (--label-layers/--candidate-layers are layer specs, --no-quest
+#: clears quest_baseline).
+DUMP_OPTIONS = ["top_p", "min_layers", "region_tokens", "anchor_stride", "label_stride", "max_answer_tokens",
+                "max_tokens"]
 
 
 def register(sub) -> None:
@@ -20,22 +27,21 @@ def register(sub) -> None:
     p.add_argument("--synthetic", type=int, default=None,
                    help="documents from the built-in generator (default: 48, or 0 when --text/--jsonl are given)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in generator")
-    p.add_argument("--min-tokens", type=int, default=1536, help="built-in documents: shortest length (tokens)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="built-in documents: longest length (tokens)")
+    p.add_argument("--min-tokens", dest="synthetic_min_tokens", metavar="MIN_TOKENS", type=int,
+                   default=1536,
+                   help="built-in documents: shortest length (tokens)")
+    p.add_argument("--max-tokens", dest="synthetic_max_tokens", metavar="MAX_TOKENS", type=int,
+                   default=4096,
+                   help="built-in documents: longest length (tokens)")
     p.add_argument("--text", nargs="*", default=[], help="UTF-8 text files, one teacher-forced document each")
     p.add_argument("--jsonl", nargs="*", default=[],
                    help='JSONL files: {"text": ...} (teacher-forced) or {"context": ..., "question": ...} (answered)')
     p.add_argument("--shard", default="0/1", help="process the documents with index %% N == i")
-    p.add_argument("--top-p", type=float, default=0.6, help="per-layer attention mass a golden set must reach")
-    p.add_argument("--min-layers", type=int, default=3, help="layers that must choose a chunk (training default)")
+    add_options(p, DumpConfig, DUMP_OPTIONS)
     p.add_argument("--label-layers", default="all", help="layers whose attention votes: all, 9-29, 3,5,10-12")
     p.add_argument("--candidate-layers", default="all", help="layers whose hidden states and keys are stored")
-    p.add_argument("--region-tokens", type=int, default=512, help="teacher-forced decode positions per document")
-    p.add_argument("--anchor-stride", type=int, default=16, help="decode positions between anchors")
-    p.add_argument("--label-stride", type=int, default=1, help="label every k-th decode position (faster, approximate)")
-    p.add_argument("--max-answer-tokens", type=int, default=32, help="answer length cap for question documents")
-    p.add_argument("--doc-max-tokens", type=int, default=8192, help="documents are cut to this many tokens")
-    p.add_argument("--no-quest", action="store_true", help="do not store the quest baseline's scores")
+    p.add_argument("--no-quest", dest="quest_baseline", action="store_false", default=DumpConfig.quest_baseline,
+                   help="do not store the quest baseline's scores (default: store them; about 15%% of dump time)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many new documents (resume later)")
     p.add_argument("--device", default="cpu", help="compute device for the backbone")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -47,25 +53,21 @@ def run(args) -> int:
     from ..indexer.checkpoint import CheckpointError
     from ..models.loader import load_backbone
     from ..traces.corpus import file_corpus, synthetic_corpus
-    from ..traces.dump import DumpConfig, DumpError, parse_layers, parse_shard, run_dump
+    from ..traces.dump import DumpError, parse_layers, parse_shard, run_dump
 
     try:
         shard = parse_shard(args.shard)
-        cfg = DumpConfig(chunk_size=32, top_p=args.top_p, min_layers=args.min_layers,
-                         label_layers=parse_layers(args.label_layers),
-                         candidate_layers=parse_layers(args.candidate_layers), region_tokens=args.region_tokens,
-                         anchor_stride=args.anchor_stride, label_stride=args.label_stride,
-                         max_answer_tokens=args.max_answer_tokens, max_tokens=args.doc_max_tokens,
-                         quest_baseline=not args.no_quest)
+        cfg = build(DumpConfig, args, DUMP_OPTIONS + ["quest_baseline"],
+                    label_layers=parse_layers(args.label_layers), candidate_layers=parse_layers(args.candidate_layers))
         files = list(args.text) + list(args.jsonl)
         n_synth = args.synthetic if args.synthetic is not None else (0 if files else 48)
         if n_synth < 0:
             raise DumpError("--synthetic must be >= 0")
         corpus, spec = [], {}
         if n_synth:
-            corpus += synthetic_corpus(n_synth, args.seed, args.min_tokens, args.max_tokens)
-            spec["synthetic"] = {"n_docs": n_synth, "seed": args.seed, "min_tokens": args.min_tokens,
-                                 "max_tokens": args.max_tokens}
+            corpus += synthetic_corpus(n_synth, args.seed, args.synthetic_min_tokens, args.synthetic_max_tokens)
+            spec["synthetic"] = {"n_docs": n_synth, "seed": args.seed, "min_tokens": args.synthetic_min_tokens,
+                                 "max_tokens": args.synthetic_max_tokens}
         if files:
             corpus += file_corpus(files)
             spec["files"] = [str(f) for f in files]

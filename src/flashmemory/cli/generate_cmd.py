@@ -33,6 +33,9 @@ def register(sub) -> None:
     add_options(p, SamplingParams, SAMPLING_OPTIONS)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not part of the output")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (raw text otherwise)")
+    p.add_argument("--context", type=Path, default=None,
+                   help="a .fmkv file from `flashmemory prefill --save`: the prompt is a question appended to it "
+                        "after a blank line, and the saved document is not prefilled again (--chat as when it was saved)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, report) instead of text")
     add_options(p, LSAConfig, LSA_OPTIONS)
     p.add_argument("--indexer", type=Path, default=None, help="indexer checkpoint folder for --policy lsa (default: shipped)")
@@ -74,7 +77,11 @@ def run(args) -> int:
         policy = make_policy(args.policy, **policy_kwargs)
         backbone = load_backbone(args.model, device=args.device)
         with LSAEngine(backbone, config) as engine:
-            result = engine.generate(prompt, policy, chat=args.chat, stop=tuple(args.stop or ()), **options)
+            if args.context is not None:
+                result = engine.ask(engine.load(args.context), prompt, policy, chat=args.chat,
+                                    stop=tuple(args.stop or ()), **options)
+            else:
+                result = engine.generate(prompt, policy, chat=args.chat, stop=tuple(args.stop or ()), **options)
     except USER_ERRORS as exc:
         return fail(str(exc))
     r = result.report

@@ -2,7 +2,9 @@
 
 `add_options(parser, LSAConfig, [...])` adds `--chunk-size` etc. with the dataclass's default and
 the help text in its field metadata; `build(LSAConfig, args, [...])` makes the config back from the
-parsed arguments (validation, and its error messages, stay in the dataclass).
+parsed arguments (validation, and its error messages, stay in the dataclass). Optional field
+metadata: "choices" (the allowed values) and "flag" (the option's name where it differs from the
+field's, e.g. "heads" for `n_heads`; the parsed value is still stored under the field's name).
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
         f = by_name[name]
         default = f.default
         help_text = f.metadata.get("help", "")
-        if default is not None:
+        if default is not None and default is not False:
             help_text += f" (default: {default})"
+        flag = f.metadata.get("flag", name)
         kind = _type(cls, f)
         if kind is bool:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(_flag(flag), dest=name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
         else:
-            parser.add_argument(_flag(name), type=kind, default=default, help=help_text)
+            choices = f.metadata.get("choices")
+            parser.add_argument(_flag(flag), dest=name, type=kind, default=default, choices=choices, help=help_text,
+                                metavar=None if choices else flag.replace("-", "_").upper())
 
 
 def build(cls, args: argparse.Namespace, names: list[str], **overrides):

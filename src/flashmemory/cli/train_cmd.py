@@ -9,7 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..traces.train import TrainConfig
 from .errors import HelpFormatter, USER_ERRORS, fail
+from .options import add_options, build
+
+#: TrainConfig fields derived as options (--layers is a layer spec and --train-queries clears freeze_queries).
+TRAIN_OPTIONS = ["n_heads", "init", "q_rank", "ensemble", "score", "min_layers", "neg_ratio", "vote_weighting", "gamma",
+                 "lr", "batch_size", "epochs", "patience", "val_fraction", "fine_key_block", "time_limit", "seed"]
 
 
 def register(sub) -> None:
@@ -22,30 +28,9 @@ def register(sub) -> None:
     p.add_argument("--dump", nargs="+", default=None, help="dump folder(s) from `flashmemory dump`")
     p.add_argument("--out", default=None, help="checkpoint folder to write")
     p.add_argument("--layers", default=None, help="target layers, e.g. 10,15,20 (default: the dump's recommendation)")
-    p.add_argument("--heads", type=int, default=None,
-                   help="indexer heads per layer (default: the backbone's query heads with --init backbone, else 8)")
-    p.add_argument("--init", choices=["backbone", "random"], default="backbone",
-                   help="start the query side from the backbone's q_proj stored in the dump, or at random")
-    p.add_argument("--q-rank", type=int, default=64, help="low-rank size of the query projection")
-    p.add_argument("--ensemble", choices=["max", "mean"], default="max", help="cross-layer ensemble")
-    p.add_argument("--score", choices=["softmax", "relu"], default="softmax",
-                   help="head aggregation: per-head attention mass (softmax) or DeepSeek's sum of ReLU(q.k)")
-    p.add_argument("--train-queries", action="store_true",
+    add_options(p, TrainConfig, TRAIN_OPTIONS)
+    p.add_argument("--train-queries", dest="freeze_queries", action="store_false", default=TrainConfig.freeze_queries,
                    help="also train wq_a/wq_b after the backbone init (default: keep them, train the rest)")
-    p.add_argument("--min-layers", type=int, default=None, help="golden when at least this many layers vote (default: dump's)")
-    p.add_argument("--neg-ratio", type=float, default=3.0, help="sampled negatives per positive (<= 0: all negatives)")
-    p.add_argument("--vote-weighting", action="store_true", help="weight positives by their number of votes")
-    p.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=64, help="anchors per step")
-    p.add_argument("--epochs", type=int, default=60, help="passes over the training anchors")
-    p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without validation improvement")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="documents held out for validation")
-    p.add_argument("--fine-key-block", type=int, default=None,
-                   help="run time: also score keys of this many tokens (a divisor of the dump's key_block), "
-                        "best of both resolutions (default: the dump's resolution only)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; keep the best model when exceeded")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, initialisation and batch order")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16: half the size)")
     p.add_argument("--build-default", action="store_true",
                    help="dump the built-in corpus with the shipped recipe (resumable) and train the default indexer")
@@ -61,7 +46,7 @@ def run(args) -> int:
     from ..indexer.checkpoint import DEFAULT_DIR, CheckpointError, save_indexer
     from ..traces.dataset import TraceError
     from ..traces.dump import DumpError, parse_layers
-    from ..traces.train import TrainConfig, TrainError, init_distributed, train_indexer
+    from ..traces.train import TrainError, init_distributed, train_indexer
 
     try:
         distributed = init_distributed()
@@ -79,13 +64,7 @@ def run(args) -> int:
             if not args.dump or not args.out:
                 raise TrainError("give --dump DIR and --out DIR (or --build-default)")
             dumps, out = args.dump, args.out
-            cfg = TrainConfig(layers=parse_layers(args.layers), n_heads=args.heads, q_rank=args.q_rank, init=args.init,
-                              score=args.score, freeze_queries=not args.train_queries,
-                              ensemble=args.ensemble, min_layers=args.min_layers, neg_ratio=args.neg_ratio,
-                              vote_weighting=args.vote_weighting, gamma=args.gamma, lr=args.lr,
-                              batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-                              val_fraction=args.val_fraction, time_limit=args.time_limit, seed=args.seed,
-                              fine_key_block=args.fine_key_block)
+            cfg = build(TrainConfig, args, TRAIN_OPTIONS + ["freeze_queries"], layers=parse_layers(args.layers))
         result = train_indexer(dumps, cfg, progress=not args.quiet and rank == 0)
         if rank == 0:
             dtype = torch.float32 if args.fp32 else torch.float16

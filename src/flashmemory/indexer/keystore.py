@@ -88,14 +88,15 @@ class ChunkKeyStore:
             self._values[:, span] = chunk_keys.half()
         self.n_chunks += n_new
 
-    def extend_from_host(self, host_keys: torch.Tensor, length: int) -> None:
-        """Compress the chunks completed since the last call from host keys [layers, kv_heads, >=length, head_dim]."""
+    def extend_from_host(self, host_keys: torch.Tensor, length: int, rows: list[int] | None = None) -> None:
+        """Compress the chunks completed since the last call from host keys [layers, kv_heads, >=length, head_dim]
+        (`rows`: the host rows of this store's layers, when the host holds only some layers)."""
         done, total = self.n_chunks, length // self.chunk_size
         if total <= done:
             return
         c = self.chunk_size
-        rows = host_keys[self.layers, :, done * c: total * c]          # only the new complete chunks
-        self.append(compress_keys(rows, self.key_block))
+        keys = host_keys[self.layers if rows is None else rows, :, done * c: total * c]  # only the new complete chunks
+        self.append(compress_keys(keys, self.key_block))
 
     def keys(self, n: int | None = None) -> torch.Tensor:
         """[layers, n * per_chunk, key_dim] float32 keys of the first n (default all) chunks."""

@@ -41,22 +41,24 @@ class IndexerConfigError(ValueError):
 
 @dataclass
 class IndexerConfig:
-    """Sizes of the indexer and what it is bound to (validated at construction)."""
+    """Sizes of the indexer and what it is bound to (validated at construction). The sizes have no
+    defaults here: whoever builds one sets them (training from TrainConfig and the dump's
+    DumpConfig, loading from the checkpoint)."""
 
     d_model: int                       # backbone hidden size (the query side's input)
     key_dim: int                       # compressed key size = kv_heads * head_dim
     rope_dim: int                      # size of one rotary block (the backbone's head_dim)
     layers: list[int]                  # backbone target layers, one retriever each
-    n_heads: int = 8
-    q_rank: int = 128
+    n_heads: int
+    q_rank: int                        # low rank of the query projection (wq_a)
+    chunk_size: int                    # tokens per chunk (the scoring unit)
+    key_block: int                     # tokens per compressed key (a chunk has chunk_size / key_block keys)
     inv_freq: list[float] | None = None  # the backbone's rotary frequencies; None: no query RoPE
     ensemble: Literal["max", "mean"] = "max"
     key_scale: float = 1.0             # keys are multiplied by this (set from data at training start)
     distance_buckets: int = 12         # learned logit bias per log2-distance bucket (0: none)
     score: Literal["relu", "softmax"] = "relu"  # head aggregation, see LayerRetriever.forward
     spill: float | None = 0.0          # a chunk also takes its predecessor's logit + this offset (None: off)
-    chunk_size: int = 32
-    key_block: int = 8                 # tokens per compressed key (a chunk has chunk_size / key_block keys)
     fine_key_block: int | None = None  # run time: also score finer keys (a divisor of key_block), best of both
     fingerprint: str | None = None     # backbone this indexer was trained for
     extra: dict = field(default_factory=dict)  # provenance (label parameters, metrics, ...)

@@ -41,6 +41,7 @@ class MemoryMeter:
     host_reserved_bytes: int = 0       # storage of its host mirror
     full_kv_bytes_peak: int = 0        # what a full cache of the same history would hold
     dense_device_peak: int = 0         # largest transient device KV of one dense layer (prefill)
+    window_bytes: int = 0              # the sliding layers' window slot on the device (hybrid models)
 
     def sample(self, device_kv: int, host_kv: int, full_kv: int) -> None:
         self.device_kv_bytes_peak = max(self.device_kv_bytes_peak, device_kv)

@@ -14,9 +14,47 @@ from dataclasses import dataclass
 import torch
 
 
+def text_config(model_or_config):
+    """The decoder's config of a model (or of a config)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Which attention layers keep the whole history (tiered) and which attend within a sliding window.
+
+    Only the tiered layers' history grows with the context, so only they are mirrored on the host
+    and paged on the device; a sliding layer keeps its last `window` tokens on the device.
+    """
+
+    tiered: tuple[int, ...]
+    sliding: tuple[int, ...]
+    window: int  # tokens a sliding layer attends to, its own included (0: no sliding layers)
+
+    @classmethod
+    def of(cls, model_or_config) -> "LayerLayout":
+        cfg = text_config(model_or_config)
+        n = cfg.num_hidden_layers
+        window = int(getattr(cfg, "sliding_window", None) or 0)
+        types = list(getattr(cfg, "layer_types", None) or [])
+        if not types:  # no per-layer types: a configured window applies to every layer
+            types = ["sliding_attention" if window else "full_attention"] * n
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else ()
+        tiered = tuple(i for i in range(n) if i not in sliding)
+        if not tiered:
+            raise ValueError(f"every layer of this model attends within a {window}-token window: "
+                             "there is no growing history to tier")
+        return cls(tiered, sliding, window if sliding else 0)
+
+    def row(self, layer: int) -> int:
+        """Index of a layer among the layers of its kind (its row in the host mirror or a pool)."""
+        return (self.sliding if layer in self.sliding else self.tiered).index(layer)
+
+
 @dataclass(frozen=True)
 class KVShape:
-    """Shape of one token's KV across the model."""
+    """Shape of one token's KV across `layers` layers."""
 
     layers: int
     kv_heads: int
@@ -28,11 +66,13 @@ class KVShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "KVShape":
-        """The KV shape of a transformers causal LM (its text config, the dtype of its weights)."""
-        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    def of(cls, model: torch.nn.Module, layers: int | None = None) -> "KVShape":
+        """The KV shape of a transformers causal LM (its text config, the dtype of its weights), over
+        `layers` layers (default: all)."""
+        cfg = text_config(model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, next(model.parameters()).dtype)
+        return cls(cfg.num_hidden_layers if layers is None else layers, cfg.num_key_value_heads, head_dim,
+                   next(model.parameters()).dtype)
 
 
 def _storage_bytes(*tensors: torch.Tensor) -> int:
@@ -80,7 +120,11 @@ class HostMirror:
 
 
 class DevicePool:
-    """The device KV pool shared by every running sequence: `n_slots` pages of `page_size` tokens."""
+    """A device KV pool shared by every running sequence: `n_slots` pages of `page_size` tokens.
+
+    The engine has one for the tiered layers' resident pages and, for a hybrid model, one for the
+    sliding layers' windows (one slot of `window` tokens per sequence, used as a ring).
+    """
 
     def __init__(self, shape: KVShape, n_slots: int, page_size: int, device: torch.device | str):
         self.shape = shape
@@ -105,9 +149,8 @@ class DevicePool:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page slot (all layers, K and V), measured on the pool's tensors."""
-        p = self.page_size
-        return self.k[:, :, :p].nbytes + self.v[:, :, :p].nbytes
+        """Bytes of one page slot (all layers, K and V)."""
+        return self.page_size * self.shape.bytes_per_token
 
     @property
     def allocated_bytes(self) -> int:

@@ -82,12 +82,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
-}
-
-# Decoders that mix sliding-window and global attention layers (`config.layer_types`). They load
-# like the others but the runtime cannot tier window layers yet, so `check_architecture` rejects
-# them until the runtime merges this table into SUPPORTED_ARCHITECTURES.
-HYBRID_ARCHITECTURES = {
+    # hybrid: most layers attend within a sliding window (kept on the device), a few globally (tiered)
     "Gemma3ForCausalLM": "gemma3_text",
 }
 
@@ -234,10 +229,6 @@ def check_architecture(config) -> str:
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
-    hybrid = [arch for arch in archs if arch in HYBRID_ARCHITECTURES]
-    if hybrid:
-        raise BackboneError(f"{hybrid[0]} mixes sliding-window and global attention layers, "
-                            "which the runtime cannot tier yet")
     names = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
     got = ", ".join(archs) or f"model_type={getattr(config, 'model_type', '?')}"
     raise BackboneError(f"unsupported architecture ({got}); supported causal LMs: {names}")

@@ -42,10 +42,16 @@ class SelectionContext:
     index: ChunkIndex | None = None    # this sequence's chunk index (from policy.new_index)
     lookahead: Callable[[], torch.Tensor] | None = None  # -> [steps, layers, n_chunks] future attention mass
     generator: torch.Generator = field(default_factory=torch.Generator)
+    layers: tuple[int, ...] | None = None  # backbone layer of each host_keys row (None: row i is layer i)
 
     @property
     def n_chunks(self) -> int:
         return self.n_pages * self.config.chunks_per_page
+
+    @property
+    def key_layers(self) -> list[int]:
+        """Backbone layers whose keys `host_keys` holds, in row order."""
+        return list(self.layers) if self.layers is not None else list(range(self.host_keys.shape[0]))
 
 
 class SelectionPolicy:

@@ -121,6 +121,10 @@ class LSAPolicy(SelectionPolicy):
             raise RuntimeError("the lsa policy reads the decoder's hidden states; run it through LSACache/LSAEngine")
         if self._bound is None:
             self.bind(ctx.activations.modules[0])
+        missing = [layer for layer in self.indexer.cfg.layers if layer not in ctx.key_layers]
+        if missing:
+            raise CheckpointError(f"the indexer reads layers {missing}, which keep no full history here "
+                                  "(sliding-window layers); train it on global layers")
         if ctx.config.chunk_size != self.indexer.cfg.chunk_size:
             raise CheckpointError(f"the indexer was trained with chunk_size={self.indexer.cfg.chunk_size}, the "
                                   f"runtime uses chunk_size={ctx.config.chunk_size}; use the same chunk size")
@@ -131,7 +135,7 @@ class LSAPolicy(SelectionPolicy):
         cfg = self.indexer.cfg
         hidden = torch.stack([ctx.activations.hidden(layer)[-1] for layer in cfg.layers])[None].float()
         store: ChunkKeyStore = ctx.index
-        store.extend_from_host(ctx.host_keys, ctx.length)
+        store.extend_from_host(ctx.host_keys, ctx.length, [ctx.key_layers.index(layer) for layer in cfg.layers])
         keys = store.keys(ctx.n_chunks)
         position = torch.tensor([ctx.length - 1], device=hidden.device)  # the last decoded token
         return self.indexer(hidden, keys, position, self.key_block, ensemble=self.ensemble)[0].cpu()

@@ -46,7 +46,7 @@ class QuestPolicy(SelectionPolicy):
 
     def score(self, ctx: SelectionContext) -> torch.Tensor:
         kmin, kmax = ctx.index.update(ctx.host_keys, ctx.n_chunks, ctx.config.chunk_size)
-        queries = ctx.activations.queries()  # per layer [1, heads, head_dim]
+        queries = ctx.activations.queries(ctx.key_layers)  # per tiered layer [tokens, heads, head_dim]
         L, kv_heads, n, D = kmin.shape
         best = torch.full((n,), float("-inf"))
         for layer, q in enumerate(queries):

@@ -8,6 +8,9 @@ Two kinds of forward:
   - decode, one token for each of B sequences: each row's new K/V go to its open page in the
     shared device pool, and the layer attends over the row's resident pages and open region,
     gathered in history order (rows of different lengths are padded and masked).
+Two kinds of layer: a `TieredLayer` (global attention) works as above; a `WindowLayer` (sliding
+attention, hybrid models) keeps only its last `window` tokens, in a ring of one slot per sequence
+in the window pool, and attends over them: its cost stays flat however long the history.
 `Cache.update` is transformers' plain dispatch to `self.layers[layer_idx]`. Keys are cached
 after RoPE, so attending to a subset of tokens keeps their true positions.
 """
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..memory.pools import DevicePool
+from ..memory.pools import DevicePool, LayerLayout
 from .sequence import Sequence
 
 
@@ -38,19 +41,29 @@ class StepPlan:
     kv_length: int = 0                        # keys each row attends to (the padded length in a batch)
     write_pos: torch.Tensor | None = None     # decode: pool position of each row's new token [B]
     gather: torch.Tensor | None = None        # decode: pool positions each row attends to [B, kv_length]
-    attention_mask: torch.Tensor | None = None  # decode with rows of different lengths: [B, 1, 1, kv_length]
+    attention_mask: torch.Tensor | dict | None = None  # decode with rows of different lengths ([B, 1, 1, T])
     position_ids: torch.Tensor | None = None  # [B, q_len] true positions
+    # sliding layers: ring positions in the window pool
+    window_length: int = 0                    # keys a row attends to (padded length in a batch)
+    window_offset: int = 0                    # history position of the first of them (one sequence)
+    window_read: torch.Tensor | None = None   # dense: ring positions of the tokens before `start` [n]
+    window_store: torch.Tensor | None = None  # dense: ring positions for the last new tokens [m]
+    window_write: torch.Tensor | None = None  # decode: ring position of each row's new token [B]
+    window_gather: torch.Tensor | None = None  # decode: ring positions each row attends to [B, window_length]
 
 
 class TieredLayer(CacheLayerMixin):
-    """One attention layer's cache: writes new K/V where the step plan says and returns what to attend."""
+    """A global attention layer: writes new K/V where the step plan says and returns what to attend.
+
+    `row` is the layer's index among the tiered layers (its row in host mirrors and the device pool)."""
 
     is_sliding = False
 
-    def __init__(self, cache: "TieredCache", layer: int):
+    def __init__(self, cache: "TieredCache", layer: int, row: int):
         super().__init__()
         self.cache = cache
         self.layer = layer
+        self.row = row
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -62,15 +75,15 @@ class TieredLayer(CacheLayerMixin):
             raise RuntimeError("TieredCache used without a step plan: run it through LSAEngine or LSACache")
         if plan.dense:
             seq = plan.seqs[0]
-            seq.host.write(self.layer, plan.start, key_states[0], value_states[0])
-            k, v = seq.host.layer_view(self.layer, plan.start + plan.q_len)
+            seq.host.write(self.row, plan.start, key_states[0], value_states[0])
+            k, v = seq.host.layer_view(self.row, plan.start + plan.q_len)
             if pool.device.type != "cpu":  # one layer of this history visits the device at a time
                 k, v = k.to(pool.device, non_blocking=True), v.to(pool.device, non_blocking=True)
             seq.memory.dense_device_peak = max(seq.memory.dense_device_peak, k.nbytes + v.nbytes)
             return k, v
-        pool.write_rows(self.layer, plan.write_pos, key_states, value_states)
+        pool.write_rows(self.row, plan.write_pos, key_states, value_states)
         k, v = self.cache.scratch(len(plan.seqs), plan.kv_length)
-        pool.gather(self.layer, plan.gather, k, v)
+        pool.gather(self.row, plan.gather, k, v)
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -89,14 +102,66 @@ class TieredLayer(CacheLayerMixin):
         """Sequences own their state; there is nothing per layer to reset."""
 
 
+class WindowLayer(CacheLayerMixin):
+    """A sliding-window layer: a ring of the last `window` tokens per sequence, never tiered."""
+
+    is_sliding = True
+
+    def __init__(self, cache: "TieredCache", layer: int, row: int):
+        super().__init__()
+        self.cache = cache
+        self.layer = layer
+        self.row = row
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Storage is the window pool, allocated up front."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        plan, pool = self.cache.plan, self.cache.window_pool
+        if plan is None:
+            raise RuntimeError("TieredCache used without a step plan: run it through LSAEngine or LSACache")
+        k_ring, v_ring = pool.k[self.row], pool.v[self.row]
+        if plan.dense:
+            k = torch.cat([k_ring[:, plan.window_read][None], key_states], dim=2)  # the window before, then the new
+            v = torch.cat([v_ring[:, plan.window_read][None], value_states], dim=2)
+            m = plan.window_store.numel()
+            k_ring.index_copy_(1, plan.window_store, key_states[0, :, -m:])
+            v_ring.index_copy_(1, plan.window_store, value_states[0, :, -m:])
+            return k, v
+        pool.write_rows(self.row, plan.window_write, key_states, value_states)
+        k, v = self.cache.scratch(len(plan.seqs), plan.window_length)
+        pool.gather(self.row, plan.window_gather, k, v)
+        return k, v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.plan.window_length, self.cache.plan.window_offset
+
+    def get_seq_length(self) -> int:
+        plan = self.cache.plan
+        if plan is None:
+            return 0
+        return plan.start if plan.dense else plan.seqs[0].length
+
+    def get_max_length(self) -> int:
+        return self.cache.window_pool.page_size
+
+    def reset(self) -> None:
+        """Sequences own their state; there is nothing per layer to reset."""
+
+
 class TieredCache(Cache):
     """The layers plus the plan of the coming forward and a reusable attention buffer."""
 
-    def __init__(self, pool: DevicePool):
+    def __init__(self, pool: DevicePool, layout: LayerLayout, window_pool: DevicePool | None = None):
         self.pool = pool
+        self.layout = layout
+        self.window_pool = window_pool
         self.plan: StepPlan | None = None
         self._buf_k = self._buf_v = torch.empty(0, dtype=pool.shape.dtype, device=pool.device)
-        super().__init__(layers=[TieredLayer(self, i) for i in range(pool.shape.layers)])
+        n = len(layout.tiered) + len(layout.sliding)
+        super().__init__(layers=[WindowLayer(self, i, layout.row(i)) if i in layout.sliding
+                                 else TieredLayer(self, i, layout.row(i)) for i in range(n)])
 
     @property
     def is_compileable(self) -> bool:
@@ -126,6 +191,15 @@ class TieredCache(Cache):
         device = self.pool.device
         self.plan = StepPlan(True, [seq], start=start, q_len=n, kv_length=start + n,
                              position_ids=torch.arange(start, start + n, device=device)[None])
+        if self.window_pool is not None:
+            W, base = self.window_pool.page_size, seq.window_slot * self.window_pool.page_size
+            before = min(start, W - 1)
+            stored = min(n, W)
+            self.plan.window_length, self.plan.window_offset = before + n, start - before
+            self.plan.window_read = torch.tensor([base + p % W for p in range(start - before, start)],
+                                                 dtype=torch.long, device=device)
+            self.plan.window_store = torch.tensor([base + p % W for p in range(start + n - stored, start + n)],
+                                                  dtype=torch.long, device=device)
         return self.plan
 
     def plan_decode(self, seqs: list[Sequence]) -> StepPlan:
@@ -145,11 +219,32 @@ class TieredCache(Cache):
         positions = torch.tensor([[s.length] for s in seqs], device=device)
         self.plan = StepPlan(False, list(seqs), q_len=1, kv_length=T, write_pos=write.to(device),
                              gather=gather.to(device), attention_mask=mask, position_ids=positions)
+        if self.window_pool is not None:
+            self._plan_windows(seqs)
         return self.plan
+
+    def _plan_windows(self, seqs: list[Sequence]) -> None:
+        """Ring positions of every row's window (its last window - 1 tokens, then the new one)."""
+        plan, W, device = self.plan, self.window_pool.page_size, self.pool.device
+        rows = []
+        for s in seqs:
+            base, before = s.window_slot * W, min(s.length, W - 1)
+            rows.append([base + p % W for p in range(s.length - before, s.length + 1)])
+        lengths = [len(r) for r in rows]
+        T = max(lengths)
+        plan.window_length = T
+        plan.window_offset = seqs[0].length + 1 - lengths[0]
+        plan.window_write = torch.tensor([r[-1] for r in rows], device=device)
+        plan.window_gather = torch.tensor([r + [r[0]] * (T - len(r)) for r in rows], device=device)
+        masks = {"full_attention": plan.attention_mask, "sliding_attention": None}
+        if min(lengths) != T:
+            masks["sliding_attention"] = (torch.arange(T)[None] < torch.tensor(lengths)[:, None])[:, None, None, :].to(device)
+        plan.attention_mask = masks if any(m is not None for m in masks.values()) else None
 
     def finish_decode(self) -> None:
         """Commit the decode step: every row's history grew by one token; sample the measured bytes."""
         page_bytes = self.pool.page_bytes
+        window_bytes = self.window_pool.page_bytes if self.window_pool is not None else 0
         for s in self.plan.seqs:
             s.length += 1
             s.step += 1
@@ -157,4 +252,5 @@ class TieredCache(Cache):
             cycle = s.cycles[-1]
             cycle.resident_fraction = max(cycle.resident_fraction, s.attended / s.length)
             s.memory.sample(len(s.table) * page_bytes, s.host.nbytes, s.full_kv_bytes)
+            s.memory.window_bytes = window_bytes
         self.plan = None

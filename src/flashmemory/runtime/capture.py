@@ -36,9 +36,10 @@ def project_queries(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
 
 
 class Activations:
-    """Attention inputs of some tokens at every layer, with their rotary cos/sin: what policies read."""
+    """Attention inputs of some tokens at every layer, with each layer's rotary cos/sin: what policies read."""
 
-    def __init__(self, modules: list[nn.Module], inputs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, modules: list[nn.Module], inputs: list[torch.Tensor], cos: list[torch.Tensor],
+                 sin: list[torch.Tensor]):
         self.modules, self.inputs, self.cos, self.sin = modules, inputs, cos, sin
 
     def hidden(self, layer: int) -> torch.Tensor:
@@ -49,39 +50,49 @@ class Activations:
     def queries(self, layers: list[int] | None = None) -> list[torch.Tensor]:
         """Post-RoPE queries [tokens, heads, head_dim] of these tokens, per layer."""
         layers = range(len(self.modules)) if layers is None else layers
-        return [project_queries(self.modules[i], self.inputs[i], self.cos, self.sin) for i in layers]
+        return [project_queries(self.modules[i], self.inputs[i], self.cos[i], self.sin[i]) for i in layers]
+
+    def last(self, n: int = 1) -> "Activations":
+        """The same for the last n tokens only."""
+        r = slice(-n, None)
+        return Activations(self.modules, [x[r] for x in self.inputs], [c[r] for c in self.cos], [s[r] for s in self.sin])
 
 
 class ActivationRecorder:
-    """Keeps each attention layer's input for the last token of every row (or, with `keep_all`, for
-    every token of row 0) of the latest forward."""
+    """Keeps each attention layer's input and rotary cos/sin for the last `keep_last` tokens of every row
+    (or, with `keep_all`, for every token of row 0) of the latest forward.
 
-    def __init__(self, model: nn.Module, keep_all: bool = False):
+    Layers may use different rotary tables (hybrid models rotate sliding and global layers
+    differently), so cos/sin are kept per layer.
+    """
+
+    def __init__(self, model: nn.Module, keep_all: bool = False, keep_last: int = 1):
         self.modules = attention_modules(model)
         self.keep_all = keep_all
-        self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
-        self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self.keep_last = keep_last
+        n = len(self.modules)
+        self.inputs: list[torch.Tensor | None] = [None] * n
+        self.cos: list[torch.Tensor | None] = [None] * n
+        self.sin: list[torch.Tensor | None] = [None] * n
         self._handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
                          for i, m in enumerate(self.modules)]
 
     def _pick(self, x: torch.Tensor) -> torch.Tensor:
-        return (x[0] if self.keep_all else x[:, -1]).detach().clone()
+        return (x[0] if self.keep_all else x[:, -self.keep_last:]).detach().clone()
 
     def _hook(self, layer: int):
         def hook(module, args, kwargs):
             self.inputs[layer] = self._pick(kwargs.get("hidden_states", args[0] if args else None))
-            if layer == 0:
-                cos, sin = kwargs["position_embeddings"]
-                self.cos, self.sin = self._pick(cos), self._pick(sin)
+            cos, sin = kwargs["position_embeddings"]
+            self.cos[layer], self.sin[layer] = self._pick(cos), self._pick(sin)
         return hook
 
     def row(self, b: int) -> Activations:
-        """The last token of batch row `b` in the latest forward."""
-        if self.cos is None:
+        """The kept tokens of batch row `b` in the latest forward (at most `keep_last`, fewer if the input was shorter)."""
+        if self.cos[0] is None:
             raise RuntimeError("no forward pass recorded yet")
-        r = slice(b, b + 1)
-        return Activations(self.modules, [x[r] for x in self.inputs], self.cos[r], self.sin[r])
+        return Activations(self.modules, [x[b] for x in self.inputs], [c[b] for c in self.cos],
+                           [s[b] for s in self.sin])
 
     def close(self) -> None:
         for h in self._handles:

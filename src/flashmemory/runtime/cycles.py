@@ -30,8 +30,10 @@ Lookahead = Callable[[Sequence], torch.Tensor]
 class CycleScheduler:
     """Starts cycles for sequences that are due, and drops a finished sequence's pages."""
 
-    def __init__(self, pool: DevicePool, blocks: BlockPool, mover: PageMover, lookahead: Lookahead | None = None):
+    def __init__(self, pool: DevicePool, blocks: BlockPool, mover: PageMover, lookahead: Lookahead | None = None,
+                 layers: tuple[int, ...] | None = None):
         self.pool, self.blocks, self.mover, self.lookahead = pool, blocks, mover, lookahead
+        self.layers = layers  # backbone layers of the host mirror's rows (None: every layer)
 
     @staticmethod
     def due(seq: Sequence) -> bool:
@@ -62,7 +64,8 @@ class CycleScheduler:
             self._offload(seq)
         n_pages = seq.length // P
         ctx = SelectionContext(config=cfg, length=seq.length, n_pages=n_pages, cycle=len(seq.cycles),
-                               host_keys=seq.host.k, activations=seq.activations, generator=seq.rng)
+                               host_keys=seq.host.k, activations=seq.activations, generator=seq.rng,
+                               layers=self.layers)
         if seq.index is None:
             seq.index = seq.policy.new_index(ctx)
         ctx.index = seq.index

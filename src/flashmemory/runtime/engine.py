@@ -13,9 +13,11 @@ Sequences join and leave between steps. `generate` submits prompts and steps unt
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable, Sequence as Seq
 
 import torch
@@ -23,7 +25,7 @@ import torch
 from ..config import EngineConfig, LSAConfig
 from ..memory.block_pool import BlockPool
 from ..memory.mover import PageMover
-from ..memory.pools import DevicePool, HostMirror, KVShape
+from ..memory.pools import DevicePool, HostMirror, KVShape, LayerLayout
 from ..models.loader import Backbone, check_architecture
 from ..policies import DEFAULT_POLICY, BudgetError, SelectionPolicy, make_policy
 from .attention_mass import chunk_mass, token_attention
@@ -56,6 +58,7 @@ class Prefill:
     seconds: float
     max_new_tokens: int
     dense_device_peak: int
+    window: tuple[torch.Tensor, torch.Tensor] | None = None  # hybrid models: the sliding layers' ring
     in_use: bool = False
 
 
@@ -63,9 +66,9 @@ class Prefill:
 class MemoryUsage:
     """The engine's memory now, counted from the tensors that hold it."""
 
-    device_capacity_bytes: int    # the device pool's storage
-    device_used_bytes: int        # pool pages that hold a sequence's KV now
-    device_reserved_bytes: int    # pool pages reserved by admitted sequences
+    device_capacity_bytes: int    # the device pools' storage (tiered pages, and sliding windows on a hybrid model)
+    device_used_bytes: int        # pool pages and window slots that hold a sequence's KV now
+    device_reserved_bytes: int    # pool pages reserved by admitted sequences, plus their window slots
     device_free_bytes: int        # capacity - used
     host_bytes: int               # storage of the running sequences' host mirrors
     running: int
@@ -100,16 +103,32 @@ class LSAEngine:
         self.engine_config = engine_config or EngineConfig()
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self.shape = KVShape.of(model)
+        try:
+            self.layout = LayerLayout.of(model)
+        except ValueError as exc:
+            raise AdmissionError(str(exc)) from None
+        self.shape = KVShape.of(model, len(self.layout.tiered))
         page_bytes = self.config.page_size * self.shape.bytes_per_token
+        self.window_pool: DevicePool | None = None
+        self.window_slots = BlockPool(0)
+        window_bytes = 0
+        if self.layout.sliding:  # one ring of `window` tokens per running sequence, for every sliding layer
+            window_shape = KVShape.of(model, len(self.layout.sliding))
+            window_bytes = self.layout.window * window_shape.bytes_per_token
+            n_windows = self.engine_config.max_batch if self.engine_config.device_memory is not None else 0
+            self.window_pool = DevicePool(window_shape, n_windows, self.layout.window, self.device)
+            self.window_slots.grow(n_windows)
         budget = self.engine_config.device_memory
-        n_slots = 0 if budget is None else budget // page_bytes
-        if budget is not None and n_slots == 0:
-            raise AdmissionError(f"device_memory of {budget} bytes holds no page ({page_bytes} bytes each)")
+        n_slots = 0 if budget is None else (budget - self.window_slots.n_slots * window_bytes) // page_bytes
+        if budget is not None and n_slots <= 0:
+            raise AdmissionError(f"device_memory of {budget} bytes holds no page ({page_bytes} bytes each) beside "
+                                 f"{self.window_slots.n_slots} sliding windows of {window_bytes} bytes; raise it "
+                                 "or lower max_batch")
         self.pool = DevicePool(self.shape, n_slots, self.config.page_size, self.device)
         self.blocks = BlockPool(n_slots)
-        self.cache = TieredCache(self.pool)
-        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), self._lookahead)
+        self.cache = TieredCache(self.pool, self.layout, self.window_pool)
+        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), self._lookahead,
+                                        self.layout.tiered)
         self.recorder = ActivationRecorder(model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -266,6 +285,7 @@ class LSAEngine:
                 self.pool.grow(n)
                 self.blocks.grow(n)
                 self.blocks.reserve(seq.reserved_pages)
+            self._take_window(seq)
             self.waiting.popleft()
             seq.admitted = True
             self.running.append(seq)
@@ -274,8 +294,37 @@ class LSAEngine:
                 seq.status = Status.PREFILL
             else:  # decoding from a shared prefill: its first token comes from the prefill's logits
                 seq.status = Status.DECODE
+                if seq.window_init is not None:
+                    self._load_window(seq, seq.window_init)
                 self._emit(seq, sample(seq.first_logits, seq.sampling, seq.sampler))
             seq.memory.host_reserved_bytes = seq.host.allocated_bytes
+
+    def _take_window(self, seq: Sequence) -> None:
+        """Give `seq` a window slot (hybrid models; max_batch slots exist under a device budget)."""
+        if self.window_pool is None:
+            return
+        if not self.window_slots.reserve(1):
+            n = self.window_slots.n_slots + 1
+            self.window_pool.grow(n)
+            self.window_slots.grow(n)
+            self.window_slots.reserve(1)
+        seq.window_slot = self.window_slots.allocate(1)[0]
+
+    def _drop_window(self, seq: Sequence) -> None:
+        if seq.window_slot is not None:
+            self.window_slots.free([seq.window_slot])
+            self.window_slots.unreserve(1)
+            seq.window_slot = None
+
+    def _window_of(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the sequence's rings (ring position = history position mod window)."""
+        span = slice(seq.window_slot * self.layout.window, (seq.window_slot + 1) * self.layout.window)
+        return self.window_pool.k[:, :, span].clone(), self.window_pool.v[:, :, span].clone()
+
+    def _load_window(self, seq: Sequence, window: tuple[torch.Tensor, torch.Tensor]) -> None:
+        span = slice(seq.window_slot * self.layout.window, (seq.window_slot + 1) * self.layout.window)
+        self.window_pool.k[:, :, span].copy_(window[0])
+        self.window_pool.v[:, :, span].copy_(window[1])
 
     def _dense(self, seq: Sequence, ids: list[int], start: int) -> torch.Tensor:
         """A dense forward of one sequence's tokens at `start`; next-token logits of the last one."""
@@ -365,6 +414,7 @@ class LSAEngine:
         if seq.admitted:
             self.scheduler.release(seq)
             self.blocks.unreserve(seq.reserved_pages)
+            self._drop_window(seq)
             seq.admitted = False
         if seq.release_prefill is not None:
             seq.release_prefill()
@@ -380,14 +430,15 @@ class LSAEngine:
             raise RuntimeError(f"{seq} has not finished")
         if seq.error is not None:
             raise seq.error
-        return GenerationResult(seq.text, list(seq.output_ids), GenerationReport.of(seq, self.pool.page_bytes))
+        return GenerationResult(seq.text, list(seq.output_ids), GenerationReport.of(seq, self.pool.page_bytes, list(self.layout.tiered)))
 
     def memory(self) -> MemoryUsage:
         """Device and host bytes in use now."""
-        page = self.pool.page_bytes
-        capacity = self.pool.allocated_bytes
-        return MemoryUsage(capacity, self.blocks.used * page, self.blocks.reserved * page,
-                           capacity - self.blocks.used * page,
+        page, window = self.pool.page_bytes, self.window_pool.page_bytes if self.window_pool is not None else 0
+        capacity = self.pool.allocated_bytes + (self.window_pool.allocated_bytes if self.window_pool is not None else 0)
+        used = self.blocks.used * page + self.window_slots.used * window
+        return MemoryUsage(capacity, used, self.blocks.reserved * page + self.window_slots.reserved * window,
+                           capacity - used,
                            sum(s.host.allocated_bytes for s in self.running if s.host is not None),
                            len(self.running), len(self.waiting))
 
@@ -427,14 +478,20 @@ class LSAEngine:
         room = self._room(len(ids), max_new_tokens, lookahead=True)
         seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new_tokens), room)
         seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
-        t0 = time.perf_counter()
-        logits = None
-        for lo in range(0, len(ids), self.config.prefill_chunk):
-            piece = ids[lo: lo + self.config.prefill_chunk]
-            logits = self._dense(seq, piece, lo)
-            seq.host.length = lo + len(piece)
-        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), time.perf_counter() - t0,
-                       max_new_tokens, seq.memory.dense_device_peak)
+        self._take_window(seq)
+        try:
+            t0 = time.perf_counter()
+            logits = None
+            for lo in range(0, len(ids), self.config.prefill_chunk):
+                piece = ids[lo: lo + self.config.prefill_chunk]
+                logits = self._dense(seq, piece, lo)
+                seq.host.length = lo + len(piece)
+            seconds = time.perf_counter() - t0
+            window = self._window_of(seq) if self.window_pool is not None else None
+        finally:
+            self._drop_window(seq)
+        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), seconds, max_new_tokens,
+                       seq.memory.dense_device_peak, window)
 
     def decode(self, prefill: Prefill, policy: str | SelectionPolicy = DEFAULT_POLICY,
                max_new_tokens: int | None = None, config: LSAConfig | None = None,
@@ -472,6 +529,7 @@ class LSAEngine:
         prefill.host.length = n  # forget what an earlier decode appended
         seq.activations = prefill.activations
         seq.first_logits = prefill.logits
+        seq.window_init = prefill.window
         seq.prefill_seconds = prefill.seconds
         seq.memory.dense_device_peak = prefill.dense_device_peak
         prefill.in_use = True
@@ -493,15 +551,85 @@ class LSAEngine:
         cfg, base = seq.config, seq.length
         masses = []
         token = seq.pending
+        saved_window = self._window_of(seq) if self.window_pool is not None else None
         for i in range(min(cfg.tau, seq.max_length - base)):
             token = int(self._dense(seq, [token], base + i).argmax())
             per_layer = []
-            for layer, q in enumerate(self.recorder.row(0).queries()):
-                k = seq.host.k[layer, :, : base + i + 1].to(q.device)
+            for row, q in enumerate(self.recorder.row(0).queries(list(self.layout.tiered))):
+                k = seq.host.k[row, :, : base + i + 1].to(q.device)
                 per_layer.append(chunk_mass(token_attention(q, k), cfg.chunk_size)[0])
             masses.append(torch.stack(per_layer).cpu())
+        if saved_window is not None:  # decoding ahead wrote into the rings: put them back
+            self._load_window(seq, saved_window)
         n = base // cfg.chunk_size
         return torch.stack([m[:, :n] for m in masses])
+
+    # ------------------------------------------------------------------ follow-up prompts and saved contexts
+    @torch.no_grad()
+    def extend(self, prefill: Prefill, ids: Seq[int] | torch.Tensor, max_new_tokens: int | None = None) -> Prefill:
+        """A new prefill: `prefill`'s prompt followed by `ids`, prefilled densely over its history only.
+
+        The history is copied into a new host mirror with room for `max_new_tokens` (default: the
+        prefill's), so `prefill` stays usable for other follow-ups (one saved context, many questions).
+        """
+        more = self._prompt_ids(ids, chat=False)
+        if not more:
+            raise PromptError("nothing to append")
+        max_new = prefill.max_new_tokens if max_new_tokens is None else max_new_tokens
+        n, ids = len(prefill.prompt_ids), prefill.prompt_ids + more
+        self._check_length(len(ids), max_new)
+        room = self._room(len(ids), max_new, lookahead=True)
+        seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new), room)
+        seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
+        self._take_window(seq)
+        try:
+            t0 = time.perf_counter()
+            seq.host.k[:, :, :n].copy_(prefill.host.k[:, :, :n])
+            seq.host.v[:, :, :n].copy_(prefill.host.v[:, :, :n])
+            seq.host.length = n
+            if prefill.window is not None:
+                self._load_window(seq, prefill.window)
+            for lo in range(n, len(ids), self.config.prefill_chunk):
+                piece = ids[lo: lo + self.config.prefill_chunk]
+                logits = self._dense(seq, piece, lo)
+                seq.host.length = lo + len(piece)
+            seconds = time.perf_counter() - t0
+            window = self._window_of(seq) if self.window_pool is not None else None
+        finally:
+            self._drop_window(seq)
+        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), seconds, max_new,
+                       max(prefill.dense_device_peak, seq.memory.dense_device_peak), window)
+
+    def ask(self, prefill: Prefill, question: str, policy: str | SelectionPolicy = DEFAULT_POLICY, *,
+            chat: bool = False, on_token: Callable[[TokenEvent], None] | None = None, **options) -> GenerationResult:
+        """Answer a question appended to a document context (`saved.context_ids`, or a loaded `.fmkv` file).
+
+        The question part is "\\n\\n" + question (with `chat`, it also ends the user turn and opens the
+        assistant's: `saved.question_ids`); `prefill` is left as it was. options: `SamplingParams` fields.
+        """
+        from .saved import question_ids
+
+        extended = self.extend(prefill, question_ids(self, prefill, question, chat), options.get("max_new_tokens"))
+        seq = self.submit_prefilled(extended, policy, on_token=on_token, **options)
+        try:
+            self.run([seq])
+        except BaseException:
+            self.cancel(seq)
+            raise
+        return self.result(seq)
+
+    def save(self, prefill: Prefill, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write a prefill to a `.fmkv` file atomically (`saved.save_context`); `force` replaces an existing file."""
+        from .saved import save_context
+
+        return save_context(prefill, path, self, force=force)
+
+    def load(self, path: str | os.PathLike, max_new_tokens: int | None = None) -> Prefill:
+        """Read a `.fmkv` file saved from this backbone and chunk/page sizes (`saved.load_context`), with room
+        for `max_new_tokens` new tokens (default: the room it was saved with)."""
+        from .saved import load_context
+
+        return load_context(path, self, max_new_tokens)
 
 
 __all__ = ["LSAEngine", "GenerationResult", "GenerationReport", "Prefill", "PromptError", "AdmissionError",

@@ -17,7 +17,7 @@ import torch
 from ..config import LSAConfig
 from ..memory.block_pool import BlockPool
 from ..memory.mover import PageMover
-from ..memory.pools import DevicePool, HostMirror, KVShape
+from ..memory.pools import DevicePool, HostMirror, KVShape, LayerLayout
 from ..policies import SelectionPolicy, make_policy
 from .cache import ContextLengthError, TieredCache
 from .capture import ActivationRecorder
@@ -34,7 +34,8 @@ class LSACache(TieredCache):
         config = config or LSAConfig()
         policy = make_policy(policy)
         policy.bind(model)
-        shape = KVShape.of(model)
+        layout = LayerLayout.of(model)
+        shape = KVShape.of(model, len(layout.tiered))
         model_max = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         max_length = int(max_length or model_max)
         if max_length <= 0:
@@ -46,10 +47,14 @@ class LSACache(TieredCache):
         self.sequence.host = HostMirror(shape, max_length, pin=device.type == "cuda")
         self.sequence.memory.host_reserved_bytes = self.sequence.host.allocated_bytes
         n_slots = self.sequence.reserved_pages
-        super().__init__(DevicePool(shape, n_slots, config.page_size, device))
+        window_pool = None
+        if layout.sliding:  # one ring of the last `window` tokens for every sliding layer
+            window_pool = DevicePool(KVShape.of(model, len(layout.sliding)), 1, layout.window, device)
+            self.sequence.window_slot = 0
+        super().__init__(DevicePool(shape, n_slots, config.page_size, device), layout, window_pool)
         self.blocks = BlockPool(n_slots)
         self.blocks.reserve(n_slots)
-        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool))
+        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), layers=layout.tiered)
         self.recorder = ActivationRecorder(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True)]

@@ -24,7 +24,10 @@ class GenerationReport:
     device_kv_bytes_reserved: int      # bytes of the pool pages reserved for it at admission
     host_kv_bytes_peak: int            # history bytes in its host mirror (peak)
     host_kv_bytes_reserved: int
-    full_kv_bytes: int                 # a full cache of the final history
+    full_kv_bytes: int                 # a full cache of the final history (tiered layers)
+    tiered_layers: list[int]           # the layers whose history is tiered (the others keep a sliding window)
+    device_window_bytes: int           # the sliding layers' windows on the device (hybrid models)
+    model_kv_share: float              # device KV (peak pages + windows) / (full tiered history + windows)
     prefill_device_kv_bytes_peak: int  # transient device KV of one dense layer during prefill
     index_bytes: int                   # the policy's chunk index (lsa's key store, quest's min/max), measured
     transfers: dict
@@ -39,9 +42,10 @@ class GenerationReport:
         return asdict(self)
 
     @classmethod
-    def of(cls, seq: Sequence, page_bytes: int) -> "GenerationReport":
+    def of(cls, seq: Sequence, page_bytes: int, tiered_layers: list[int]) -> "GenerationReport":
         fractions = [c.resident_fraction for c in seq.cycles]
         mem = seq.memory
+        whole = mem.full_kv_bytes_peak + mem.window_bytes
         return cls(
             policy=seq.policy.name, prompt_tokens=len(seq.prompt_ids), new_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason, cycles=len(seq.cycles), resident_fraction_per_cycle=fractions,
@@ -50,7 +54,10 @@ class GenerationReport:
             resident_pages_per_cycle=[c.pages for c in seq.cycles],
             device_kv_bytes_peak=mem.device_kv_bytes_peak, device_kv_bytes_reserved=seq.reserved_pages * page_bytes,
             host_kv_bytes_peak=mem.host_kv_bytes_peak, host_kv_bytes_reserved=mem.host_reserved_bytes,
-            full_kv_bytes=mem.full_kv_bytes_peak, prefill_device_kv_bytes_peak=mem.dense_device_peak,
+            full_kv_bytes=mem.full_kv_bytes_peak, tiered_layers=list(tiered_layers),
+            device_window_bytes=mem.window_bytes,
+            model_kv_share=(mem.device_kv_bytes_peak + mem.window_bytes) / whole if whole else 0.0,
+            prefill_device_kv_bytes_peak=mem.dense_device_peak,
             index_bytes=int(seq.index.nbytes) if seq.index is not None else 0,
             transfers=seq.transfers.to_dict(), transfer_steps=list(seq.transfers.steps),
             prefill_seconds=seq.prefill_seconds, decode_seconds=sum(seq.decode_ms) / 1000.0,

@@ -77,6 +77,8 @@ class Sequence:
         self.activations: Activations | None = None  # attention inputs of the last token
         # device residency and the cycle
         self.table = PageTable()
+        self.window_slot: int | None = None  # its slot in the window pool (hybrid models)
+        self.window_init: tuple[torch.Tensor, torch.Tensor] | None = None  # rings to start from (a shared prefill)
         self.cycle_index: torch.Tensor | None = None  # pool positions: resident pages, then the open region
         self.resident_tokens = 0     # tokens of the complete resident pages (a prefix of cycle_index)
         self.open_start = 0          # history position where the open region starts

@@ -158,9 +158,10 @@ def synthetic_document(seed: int, index: int, min_tokens: int, max_tokens: int,
                          chat=rng.random() < 0.7)
 
 
-def synthetic_corpus(n_docs: int, seed: int = 0, min_tokens: int = 1536, max_tokens: int = 4096,
+def synthetic_corpus(n_docs: int, seed: int, min_tokens: int, max_tokens: int,
                      mix: tuple[float, float, float] = (0.3, 0.3, 0.4)) -> list[TraceDocument]:
-    """The built-in corpus: `n_docs` documents of about min..max tokens."""
+    """The built-in corpus: `n_docs` documents of about min..max tokens (the lengths' defaults live in
+    `flashmemory dump`'s options, the shipped corpus's in traces/recipe.py)."""
     if n_docs <= 0:
         raise ValueError(f"n_docs must be positive, got {n_docs}")
     if not (64 <= min_tokens <= max_tokens):

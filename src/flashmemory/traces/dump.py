@@ -48,21 +48,26 @@ class DumpError(ValueError):
 
 @dataclass
 class DumpConfig:
-    """What a dump records. Everything here goes into the manifest; resuming requires equality."""
+    """What a dump records. Everything here goes into the manifest; resuming requires equality.
+    The home of every dump default (chunking from LSAConfig): `flashmemory dump` derives its options
+    from the fields' defaults and help metadata."""
 
-    chunk_size: int = 32
+    chunk_size: int = LSAConfig.chunk_size
     key_block: int = 8                   # tokens per compressed key (chunk_size / key_block keys per chunk)
-    tau: int = 64
-    top_p: float = 0.6
-    min_layers: int = 3                  # default for training; votes are stored, so it can change later
+    tau: int = LSAConfig.tau
+    top_p: float = field(default=0.6, metadata={"help": "per-layer attention mass a golden set must reach"})
+    min_layers: int = field(default=3, metadata={
+        "help": "layers that must choose a chunk (training default; votes are stored, so it can change later)"})
     label_layers: list[int] | None = None  # layers whose attention votes (None: all)
     candidate_layers: list[int] | None = None  # layers whose hidden states and keys are stored (None: all)
-    region_tokens: int = 512             # teacher-forced decode positions at the end of a `continue` document
-    anchor_stride: int = 16              # one anchor every this many decode positions
+    region_tokens: int = field(default=512, metadata={"help": "teacher-forced decode positions per document"})
+    anchor_stride: int = field(default=16, metadata={"help": "decode positions between anchors"})
     qa_anchor_stride: int = 4            # denser anchors over a question and its answer (few positions, rich labels)
-    label_stride: int = 1                # label every k-th decode position (k > 1 trades label precision for speed)
-    max_answer_tokens: int = 32          # `qa`: greedy answer length cap
-    max_tokens: int = 8192               # documents are cut to this many tokens (and to the model's context)
+    label_stride: int = field(default=1, metadata={
+        "help": "label every k-th decode position (faster, approximate)"})
+    max_answer_tokens: int = field(default=32, metadata={"help": "answer length cap for question documents"})
+    max_tokens: int = field(default=8192, metadata={
+        "flag": "doc-max-tokens", "help": "documents are cut to this many tokens (and to the model's context)"})
     page_size: int = LSAConfig.page_size  # population defaults for training (sink/tail excluded), see labels.Population
     sink_tokens: int = LSAConfig.sink_tokens
     tail_tokens: int = LSAConfig.tail_tokens
@@ -177,8 +182,8 @@ class _Feeder:
         self.device = next(model.parameters()).device
         self.length = 0
         self.hidden: list[list[torch.Tensor]] = [[] for _ in recorder.modules]
-        self.cos: list[torch.Tensor] = []
-        self.sin: list[torch.Tensor] = []
+        self.cos: list[list[torch.Tensor]] = [[] for _ in recorder.modules]  # per layer: rotary tables may differ
+        self.sin: list[list[torch.Tensor]] = [[] for _ in recorder.modules]
 
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Run `ids` at the next positions; return the last position's logits."""
@@ -187,8 +192,8 @@ class _Feeder:
         keep = slice(max(0, self.first - self.length), None)
         for i, rows in enumerate(self.recorder.inputs):
             self.hidden[i].append(rows[keep].float().cpu())
-        self.cos.append(self.recorder.cos[keep].float().cpu())
-        self.sin.append(self.recorder.sin[keep].float().cpu())
+            self.cos[i].append(self.recorder.cos[i][keep].float().cpu())
+            self.sin[i].append(self.recorder.sin[i][keep].float().cpu())
         self.length += len(ids)
         return out.logits[0, -1]
 
@@ -201,10 +206,11 @@ class _Feeder:
             nxt = int(self.feed([nxt]).argmax())
         return out
 
-    def tensors(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        hidden = [torch.cat(h) for h in self.hidden]
-        keys = [layer.keys[0].float().cpu() for layer in self.cache.layers]  # [kv, N, D], post-RoPE
-        return hidden, torch.cat(self.cos), torch.cat(self.sin), keys
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer: attention inputs, rotary cos and sin of the kept positions, and post-RoPE keys [kv, N, D]."""
+        keys = [layer.keys[0].float().cpu() for layer in self.cache.layers]
+        return [torch.cat(h) for h in self.hidden], [torch.cat(c) for c in self.cos], \
+            [torch.cat(x) for x in self.sin], keys
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -252,7 +258,7 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
     # golden-label votes at the decode positions region_start .. N-1 (every label_stride-th)
     vote_pos = torch.arange(region_start, N, cfg.label_stride)
     rows = vote_pos - first
-    queries = [project_queries(modules[i], hidden[i][rows], cos[rows], sin[rows]) for i in voters]
+    queries = [project_queries(modules[i], hidden[i][rows], cos[i][rows], sin[i][rows]) for i in voters]
     votes = layer_votes(queries, [keys[i] for i in voters], vote_pos, cfg.chunk_size, cfg.top_p, cfg.block)
     n_chunks = N // cfg.chunk_size
     votes = votes[:, :n_chunks]
@@ -277,7 +283,8 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
             continue
         r = slice(a - first, a - first + 1)
         ctx = SelectionContext(config=lsa, length=a + 1, n_pages=n_pages, cycle=i, host_keys=host_keys,
-                               activations=Activations(modules, [h[r] for h in hidden], cos[r], sin[r]), index=index)
+                               activations=Activations(modules, [h[r] for h in hidden], [c[r] for c in cos],
+                                                       [x[r] for x in sin]), index=index)
         s = policy.score(ctx)
         quest[i, : s.numel()] = s
 

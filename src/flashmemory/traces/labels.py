@@ -87,13 +87,14 @@ class Population:
 
     At a cycle that starts with `a + 1` history tokens the runtime keeps the sink pages, the
     last `tail_tokens` of complete pages and the unfinished page resident whatever the policy
-    says, so only the complete chunks between sink and tail are the indexer's to choose.
+    says, so only the complete chunks between sink and tail are the indexer's to choose. The sizes
+    come from the dump (DumpConfig, whose defaults are LSAConfig's) or training overrides.
     """
 
-    chunk_size: int = 32
-    page_size: int = 64
-    sink_tokens: int = 64
-    tail_tokens: int = 256
+    chunk_size: int
+    page_size: int
+    sink_tokens: int
+    tail_tokens: int
 
     def bounds(self, anchor: int) -> tuple[int, int]:
         """[lo, hi) chunk indices the indexer chooses among for the cycle after `anchor`."""

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,28 +33,37 @@ class TrainError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Indexer size and training schedule (validated at construction)."""
+    """Indexer size and training schedule (validated at construction). The home of every training
+    default: `flashmemory train` derives its options from the fields' defaults and help metadata."""
 
     layers: list[int] | None = None   # target layers; None: the dump's recommended set or 3 spread candidates
-    n_heads: int | None = None        # None: the backbone's query heads with backbone init, else 8
-    q_rank: int = 64
-    init: str = "backbone"            # "backbone": start the query side from the dump's q_proj (if stored); "random"
+    n_heads: int | None = field(default=None, metadata={
+        "flag": "heads",
+        "help": "indexer heads per layer (default: the backbone's query heads with --init backbone, else 8)"})
+    q_rank: int = field(default=64, metadata={"help": "low-rank size of the query projection"})
+    init: str = field(default="backbone", metadata={
+        "choices": ("backbone", "random"),
+        "help": "start the query side from the backbone's q_proj stored in the dump, or at random"})
     freeze_queries: bool = True       # keep wq_a / wq_b at their backbone-derived start (train the rest)
-    score: str = "softmax"            # indexer head aggregation: "softmax" (mass) or "relu" (DeepSeek's)
-    ensemble: str = "max"
-    min_layers: int | None = None     # golden when votes >= this; None: the dump's value
-    neg_ratio: float = 3.0            # sampled negatives per positive and anchor; <= 0 uses all negatives
+    score: str = field(default="softmax", metadata={
+        "choices": ("softmax", "relu"),
+        "help": "head aggregation: per-head attention mass (softmax) or DeepSeek's sum of ReLU(q.k)"})
+    ensemble: str = field(default="max", metadata={"choices": ("max", "mean"), "help": "cross-layer ensemble"})
+    min_layers: int | None = field(default=None, metadata={
+        "help": "golden when at least this many layers vote (default: dump's)"})
+    neg_ratio: float = field(default=3.0, metadata={"help": "sampled negatives per positive (<= 0: all negatives)"})
     min_negatives: int = 8            # negatives per anchor even when it has no positive
-    gamma: float = 2.0
-    vote_weighting: bool = False      # weight positives by votes / min_layers
-    lr: float = 2e-3
+    gamma: float = field(default=2.0, metadata={"help": "focal loss gamma"})
+    vote_weighting: bool = field(default=False, metadata={"help": "weight positives by their number of votes"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = 0.01
-    batch_size: int = 64
-    epochs: int = 60
-    patience: int = 10                # epochs without a better validation score before stopping
-    val_fraction: float = 0.15
-    seed: int = 0
-    time_limit: float | None = None   # seconds; stop (keeping the best so far) when exceeded
+    batch_size: int = field(default=64, metadata={"help": "anchors per step"})
+    epochs: int = field(default=60, metadata={"help": "passes over the training anchors"})
+    patience: int = field(default=10, metadata={"help": "early stopping: epochs without validation improvement"})
+    val_fraction: float = field(default=0.15, metadata={"help": "documents held out for validation"})
+    seed: int = field(default=0, metadata={"help": "seed of the validation split, initialisation and batch order"})
+    time_limit: float | None = field(default=None, metadata={
+        "help": "seconds; keep the best model when exceeded"})
     budget: float = 0.10              # resident share used by the recall-at-budget metric
     ks: tuple[int, ...] = (4, 8, 16, 32)
     sink_tokens: int | None = None    # population overrides (None: the dump's)
@@ -64,20 +73,21 @@ class TrainConfig:
     #: run time: the key store keeps keys of this many tokens (a divisor of the dump's key_block) and
     #: the indexer scores them and their means at the trained resolution, best of both. None: one
     #: resolution. Training and its metrics use the dump's keys.
-    fine_key_block: int | None = None
+    fine_key_block: int | None = field(default=None, metadata={
+        "help": "run time: also score keys of this many tokens (a divisor of the dump's key_block), "
+                "best of both resolutions (default: the dump's resolution only)"})
     threads: int | None = 1           # torch threads while training (this model is small: 1 beats 2 on a busy CPU)
 
     def __post_init__(self) -> None:
-        if self.score not in ("relu", "softmax"):
-            raise TrainError(f"score must be 'relu' or 'softmax', got {self.score!r}")
-        if self.init not in ("backbone", "random"):
-            raise TrainError(f"init must be 'backbone' or 'random', got {self.init!r}")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise TrainError(f"{f.name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, f.name)!r}")
         for name in ("q_rank", "batch_size", "epochs", "patience") + (("n_heads",) if self.n_heads is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise TrainError(f"{name} must be a positive integer, got {v!r}")
-        if self.ensemble not in ("max", "mean"):
-            raise TrainError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
         if self.fine_key_block is not None and (isinstance(self.fine_key_block, bool)
                                             or not isinstance(self.fine_key_block, int) or self.fine_key_block <= 0):
             raise TrainError(f"fine_key_block must be a positive integer or None, got {self.fine_key_block!r}")
