@@ -12,6 +12,7 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 from flashmemory.config import ConfigError
 from flashmemory.policies.deepseek_lsa import DeepseekLSAPolicy, default_target_layers, native_lightning_indexer
 from flashmemory.runtime.deepseek import DeepseekLSACache, DeepseekLSAConfig
+from flashmemory.traces.deepseek import dump_deepseek, train_deepseek
 from tiny import tiny_model
 
 PROMPT = 1400
@@ -29,9 +30,13 @@ def tiny_deepseek_config() -> DeepseekV4Config:
 
 
 @pytest.fixture(scope="module")
-def model() -> DeepseekV4ForCausalLM:
+def model():
+    """The tiny model; one torch thread while it runs (its ops are too small to gain from more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
-    return DeepseekV4ForCausalLM(tiny_deepseek_config()).eval()
+    yield DeepseekV4ForCausalLM(tiny_deepseek_config()).eval()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +105,10 @@ def test_small_budget_invariants(model, prompt):
             used = cache.picks[s.step][layer].tolist()
             assert len(used) == 16                                   # the native top-16 ran over resident entries
             assert set(used) <= resident                             # and never picked a non-resident one
+    # the scoring overhead: indexer scoring and page choice against the decode time
+    overhead = sum(c.select_seconds for c in cache.cycles) / sum(s.seconds for s in cache.steps)
+    print(f"scoring overhead {overhead:.4f} of decode time")
+    assert overhead <= 0.05
     final = cache.layers[1]
     assert final.compressed_kv["compressor"].shape[1] == cache.steps[-1].resident
     assert cache.host_bytes == cache.mirror.length * entry_bytes
@@ -148,3 +157,25 @@ def test_clear_errors(model, prompt):
     with DeepseekLSACache(model, SMALL) as cache, pytest.raises(ValueError, match="one sequence"):
         generate(model, prompt[:, :64].repeat(2, 1), 1, cache)
     assert hooks_on(model) == 0
+
+
+def test_dump_train_load(model, tmp_path):
+    prompts = torch.randint(0, 512, (2, 400), generator=torch.Generator().manual_seed(2)).tolist()
+    dump = dump_deepseek(model, prompts, tmp_path / "dump", steps=16, layers=(1, 4), tau=8)
+    doc = torch.load(dump / "doc00000.pt", weights_only=True)
+    assert doc["hidden"].shape == (16, 2, 64) and doc["keys"].shape == (2, 104, 16)
+    assert 0 < doc["labels"].float().mean() < 1
+    result = train_deepseek(dump, tmp_path / "indexer", epochs=2, lr=1e-3)   # reads the dump folder only
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    print(f"focal loss per epoch {result.losses}")
+    policy = DeepseekLSAPolicy(checkpoint=result.folder)
+    with DeepseekLSACache(model, SMALL, policy=policy) as cache:
+        generate(model, prompt_ids(600), 10, cache)
+    native = native_lightning_indexer(model, (1, 4))
+    assert policy.indexer.layers == [1, 4]
+    assert not torch.equal(policy.indexer.retrievers["l4"].wq_b.weight, native.retrievers["l4"].wq_b.weight)
+    assert len(cache.cycles) == 2 and cache.index.nbytes == 2 * cache.cycles[-1].entries * (16 + 4)   # 20-byte fp8 keys, 2 layers
+
+
+def prompt_ids(n: int) -> torch.Tensor:
+    return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(3))

@@ -49,7 +49,7 @@ from ..indexer.lightning import CSA_LAYER_TYPE
 from ..memory.accounting import TransferLog
 from ..policies import SelectionContext, SelectionPolicy, choose_pages, make_policy
 from ..policies.base import reserve_pages
-from ..policies.deepseek_lsa import DeepseekLSAPolicy, csa_layers
+from ..policies.deepseek_lsa import csa_layers  # importing it registers the "deepseek-lsa" policy
 from .cache import ContextLengthError
 
 #: The names of the two entry series of a CSA layer (HF's `compressed_kv` keys).
