@@ -25,6 +25,7 @@ from flashmemory import LSAConfig, LSAEngine, load_backbone
 from flashmemory.eval.ruler import generate_samples
 from flashmemory.eval.samples import PromptBuilder
 from flashmemory.policies import make_policy
+from flashmemory.traces.train import TrainConfig
 
 
 def int_list(text: str) -> list[int]:
@@ -47,7 +48,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.12)
     p.add_argument("--policies", default="lsa,quest")
     p.add_argument("--per-layer", default=None, metavar="DUMP", help="rank per candidate layer of this dump")
-    p.add_argument("--q-rank", type=int, default=64, help="--per-layer: rank of the query projection kept")
+    p.add_argument("--q-rank", type=int, default=TrainConfig.q_rank,
+                   help="--per-layer: rank of the query projection kept")
     p.add_argument("--fine-key-blocks", type=int_list, default=None, metavar="K1,K2",
                    help="run every lsa policy once per run-time key resolution (tokens per stored key; "
                         "the trained key_block itself scores one resolution only)")
@@ -95,11 +97,11 @@ def main() -> None:
         print(f"  {name}: {result.text.strip()[:60]!r} (resident max {100 * result.report.resident_fraction_max:.1f}%)")
 
 
-def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int, q_rank: int = 64) -> dict[int, int]:
+def per_layer_ranks(engine: LSAEngine, pre, dump: str, chunk: int, q_rank: int) -> dict[int, int]:
     from flashmemory.indexer.keystore import ChunkKeyStore
     from flashmemory.policies.lsa import LSAPolicy
     from flashmemory.traces.dataset import TraceSet
-    from flashmemory.traces.train import TrainConfig, build_indexer, init_from_backbone
+    from flashmemory.traces.train import build_indexer, init_from_backbone
 
     traces = TraceSet(dump)
     layers = traces.layers

@@ -167,7 +167,8 @@ def test_cached_results_are_keyed_by_the_indexer_weights_and_config():
     from flashmemory.policies.lsa import LSAPolicy
 
     torch.manual_seed(0)
-    cfg = IndexerConfig(d_model=16, key_dim=8, rope_dim=8, layers=[1], n_heads=2, q_rank=4)
+    cfg = IndexerConfig(d_model=16, key_dim=8, rope_dim=8, layers=[1], n_heads=2, q_rank=4,
+                        chunk_size=32, key_block=8)
     a, b = NeuralIndexer(cfg), NeuralIndexer(cfg)
     ident_a = policy_identity(LSAPolicy(checkpoint=a), {})
     assert ident_a == policy_identity(LSAPolicy(checkpoint=a), {})

@@ -19,7 +19,7 @@ def make_indexer(fingerprint: str = "llama-2L-abc") -> NeuralIndexer:
     torch.manual_seed(0)
     inv = (1.0 / (1e4 ** (torch.arange(0, 8, 2).float() / 8))).tolist()
     return NeuralIndexer(IndexerConfig(d_model=24, key_dim=16, rope_dim=8, layers=[0, 1], n_heads=2, q_rank=8,
-                                       inv_freq=inv, fingerprint=fingerprint, key_block=32))
+                                       inv_freq=inv, fingerprint=fingerprint, chunk_size=32, key_block=32))
 
 
 def test_round_trip_gives_the_same_scores(tmp_path):

@@ -157,7 +157,7 @@ def test_key_store_grows_incrementally(fp8):
 def test_parameter_count_of_the_default_shape():
     # SmolLM2-135M: d_model 576, 3 KV heads x 64 dims
     cfg = IndexerConfig(d_model=576, key_dim=192, rope_dim=64, layers=[10, 15, 20], n_heads=8, q_rank=64,
-                        inv_freq=INV_FREQ)
+                        chunk_size=32, key_block=8, inv_freq=INV_FREQ)
     per_layer = 576 * 64 + 64 + 64 * 8 * 192 + 576 * 8 + 1 + cfg.distance_buckets
     assert NeuralIndexer(cfg).parameter_count() == 3 * per_layer
 

@@ -432,7 +432,7 @@ def test_damaged_or_foreign_folders_get_clear_errors(tmp_path):
         load_indexer(folder)
     from flashmemory.indexer import IndexerConfig, NeuralIndexer
     other = save_indexer(NeuralIndexer(IndexerConfig(d_model=8, key_dim=4, rope_dim=4, layers=[0], n_heads=1,
-                                                     q_rank=2, key_block=32)), tmp_path / "llama")
+                                                     q_rank=2, chunk_size=32, key_block=32)), tmp_path / "llama")
     with pytest.raises(CheckpointError, match="ordinary attention backbones"):
         load_lightning_indexer(other)
     with pytest.raises(CheckpointError, match="not a lightning indexer checkpoint"):
