@@ -177,8 +177,8 @@ def test_fine_keys_are_checked_and_scored_with_their_coarse_means():
     h, pos = torch.randn(1, 2, 32), torch.tensor([200])
     fine = torch.randn(2, 3 * 16, 16)                 # 3 chunks x 16 keys of 2 tokens
     coarse = fine.reshape(2, 12, 4, 16).mean(2)       # the same chunks at the trained 8 tokens
-    LSAPolicy(checkpoint=ix, fine_key_block=2)
-    assert ix.cfg.fine_key_block == 2
+    policy = LSAPolicy(checkpoint=ix, fine_key_block=2)
+    assert policy.key_block == 2 and ix.cfg.fine_key_block is None  # the policy never writes into shared weights
     both = ix(h, fine, pos, key_block=2)
     assert torch.all(both >= ix(h, coarse, pos)) and both.shape == (1, 3)
     with pytest.raises(ValueError, match="cannot be averaged"):

@@ -23,6 +23,8 @@ def run(backbone, essays):
         if seq.cycles and not seq.finished:
             m = engine.memory()
             steps.append({"used": m.device_used_bytes, "pages": len(seq.table), "attended": seq.attended,
+                          "attended_bytes": sum(t[:, :, seq.cycle_index[:seq.attended]].nbytes
+                                                for t in (engine.pool.k, engine.pool.v)),
                           "length": seq.length, "budget_tokens": config.budget_tokens(seq.cycles[-1].length),
                           "transfers": seq.transfers.recalls + seq.transfers.offloads, "cycle_step": seq.cycle_step,
                           "capacity": m.device_capacity_bytes})
@@ -35,7 +37,8 @@ def test_reported_device_bytes_are_the_bytes_held(run):
     engine, report, steps, _ = run
     page_bytes = engine.pool.k[:, :, :32].nbytes + engine.pool.v[:, :, :32].nbytes
     assert all(s["used"] == s["pages"] * page_bytes for s in steps)
-    assert report.device_kv_bytes_peak == max(s["used"] for s in steps)
+    assert report.device_pages_bytes_peak == max(s["used"] for s in steps)
+    assert report.device_kv_bytes_peak == max(s["attended_bytes"] for s in steps)
     assert steps[-1]["capacity"] == engine.pool.k.untyped_storage().nbytes() + engine.pool.v.untyped_storage().nbytes()
     assert report.full_kv_bytes == (2000 + NEW - 1) * engine.shape.bytes_per_token
     assert engine.memory().device_used_bytes == 0 and engine.memory().host_bytes == 0

@@ -165,6 +165,7 @@ def policy_identity(policy, kwargs: dict) -> dict:
         cfg = getattr(model, "cfg", None)
         if cfg is not None:  # provenance ("extra") does not change what the indexer computes
             settings = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+            settings["run_time"] = policy.run_settings() if hasattr(policy, "run_settings") else {}
             ident["indexer_config"] = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return ident
 

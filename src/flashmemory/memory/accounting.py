@@ -35,7 +35,8 @@ class TransferLog:
 class MemoryMeter:
     """Peaks of the bytes one sequence holds on each tier, sampled at every step."""
 
-    device_kv_bytes_peak: int = 0      # bytes of this sequence's pages in the device pool
+    device_kv_bytes_peak: int = 0      # bytes of the tokens attention reads on the device (resident + open region)
+    device_pages_bytes_peak: int = 0   # bytes of the pool pages this sequence holds (open pages' room included)
     device_reserved_bytes: int = 0     # bytes of the pool slots reserved for it at admission
     host_kv_bytes_peak: int = 0        # history bytes in its host mirror
     host_reserved_bytes: int = 0       # storage of its host mirror
@@ -43,7 +44,8 @@ class MemoryMeter:
     dense_device_peak: int = 0         # largest transient device KV of one dense layer (prefill)
     window_bytes: int = 0              # the sliding layers' window slot on the device (hybrid models)
 
-    def sample(self, device_kv: int, host_kv: int, full_kv: int) -> None:
+    def sample(self, device_kv: int, device_pages: int, host_kv: int, full_kv: int) -> None:
         self.device_kv_bytes_peak = max(self.device_kv_bytes_peak, device_kv)
+        self.device_pages_bytes_peak = max(self.device_pages_bytes_peak, device_pages)
         self.host_kv_bytes_peak = max(self.host_kv_bytes_peak, host_kv)
         self.full_kv_bytes_peak = max(self.full_kv_bytes_peak, full_kv)

@@ -100,6 +100,11 @@ class LSAPolicy(SelectionPolicy):
                                   f"({self.indexer.cfg.key_block})")
         self.indexer.eval()
 
+    def run_settings(self) -> dict:
+        """How this policy scores at run time beyond the checkpoint's weights (part of a result's identity)."""
+        return {"key_block": self.key_block, "ensemble": self.ensemble or self.indexer.cfg.ensemble,
+                "fp8_keys": self.fp8_keys}
+
     @property
     def key_block(self) -> int:
         """Tokens per stored key at run time (this policy's override, else the checkpoint's)."""

@@ -251,6 +251,7 @@ class TieredCache(Cache):
             s.cycle_step += 1
             cycle = s.cycles[-1]
             cycle.resident_fraction = max(cycle.resident_fraction, s.attended / s.length)
-            s.memory.sample(len(s.table) * page_bytes, s.host.nbytes, s.full_kv_bytes)
+            s.memory.sample(s.attended * self.pool.shape.bytes_per_token, len(s.table) * page_bytes, s.host.nbytes,
+                            s.full_kv_bytes)
             s.memory.window_bytes = window_bytes
         self.plan = None

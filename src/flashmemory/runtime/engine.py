@@ -342,7 +342,7 @@ class LSAEngine:
         hi = min(lo + seq.config.prefill_chunk, len(seq.prompt_ids))
         logits = self._dense(seq, seq.prompt_ids[lo:hi], lo)
         seq.prefilled = seq.length = seq.host.length = hi
-        seq.memory.sample(0, seq.host.nbytes, seq.full_kv_bytes)
+        seq.memory.sample(0, 0, seq.host.nbytes, seq.full_kv_bytes)
         token = None
         if hi == len(seq.prompt_ids):
             seq.activations = self.recorder.row(0)

@@ -20,14 +20,15 @@ class GenerationReport:
     resident_fraction_mean: float
     resident_fraction_max: float
     resident_pages_per_cycle: list[int]
-    device_kv_bytes_peak: int          # bytes of the pool pages this sequence held (peak over steps)
+    device_kv_bytes_peak: int          # bytes of the tokens attention read on the device (peak over steps)
+    device_pages_bytes_peak: int       # bytes of the pool pages this sequence held (open pages' room included)
     device_kv_bytes_reserved: int      # bytes of the pool pages reserved for it at admission
     host_kv_bytes_peak: int            # history bytes in its host mirror (peak)
     host_kv_bytes_reserved: int
     full_kv_bytes: int                 # a full cache of the final history (tiered layers)
     tiered_layers: list[int]           # the layers whose history is tiered (the others keep a sliding window)
     device_window_bytes: int           # the sliding layers' windows on the device (hybrid models)
-    model_kv_share: float              # device KV (peak pages + windows) / (full tiered history + windows)
+    model_kv_share: float              # device KV (peak attended + windows) / (full tiered history + windows)
     prefill_device_kv_bytes_peak: int  # transient device KV of one dense layer during prefill
     index_bytes: int                   # the policy's chunk index (lsa's key store, quest's min/max), measured
     transfers: dict
@@ -52,7 +53,8 @@ class GenerationReport:
             resident_fraction_mean=sum(fractions) / len(fractions) if fractions else 0.0,
             resident_fraction_max=max(fractions) if fractions else 0.0,
             resident_pages_per_cycle=[c.pages for c in seq.cycles],
-            device_kv_bytes_peak=mem.device_kv_bytes_peak, device_kv_bytes_reserved=seq.reserved_pages * page_bytes,
+            device_kv_bytes_peak=mem.device_kv_bytes_peak, device_pages_bytes_peak=mem.device_pages_bytes_peak,
+            device_kv_bytes_reserved=seq.reserved_pages * page_bytes,
             host_kv_bytes_peak=mem.host_kv_bytes_peak, host_kv_bytes_reserved=mem.host_reserved_bytes,
             full_kv_bytes=mem.full_kv_bytes_peak, tiered_layers=list(tiered_layers),
             device_window_bytes=mem.window_bytes,
