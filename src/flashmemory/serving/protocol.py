@@ -151,8 +151,9 @@ class MemoryReport(BaseModel):
     policy: str
     resident_fraction_mean: float
     resident_fraction_max: float
-    device_kv_bytes_peak: int
-    device_kv_bytes_reserved: int
+    device_kv_bytes_peak: int          # bytes of the tokens attention read on the device (peak)
+    device_pages_bytes_peak: int       # bytes of the pool pages the request held (peak)
+    device_kv_bytes_reserved: int      # bytes of the pool pages reserved at admission
     host_kv_bytes_peak: int
     full_kv_bytes: int
     index_bytes: int

@@ -18,7 +18,7 @@ from typing import Any
 from ..policies import SelectionPolicy, make_policy
 from ..runtime.engine import LSAEngine, PromptError
 from ..runtime.report import GenerationResult
-from ..runtime.sequence import Sequence, TokenEvent
+from ..runtime.sequence import Sequence, Status, TokenEvent
 from .metrics import Metrics
 
 log = logging.getLogger("flashmemory.serve")
@@ -118,7 +118,7 @@ class EngineWorker:
         self._inbox: queue.Queue[tuple[str, Job | None]] = queue.Queue()
         self._lock = threading.Lock()
         self._handed_over = 0        # submits in the inbox, not yet seen by the engine thread
-        self._engine_waiting = 0     # sequences in the engine's waiting queue after the last step
+        self._submitted: list[Sequence] = []  # submitted to the engine and maybe still waiting (pruned by _publish)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flashmemory-engine", daemon=True)
 
@@ -138,18 +138,17 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    @property
-    def queued(self) -> int:
-        """Requests waiting for admission now."""
-        with self._lock:
-            return self._handed_over + self._engine_waiting
+    def _queued(self) -> int:
+        """Requests waiting for admission now (call with the lock held)."""
+        # Status is read, not the engine's queue: a sequence admitted during a long step counts as admitted at once.
+        return self._handed_over + sum(1 for seq in self._submitted if seq.status is Status.WAITING)
 
     def submit(self, job: Job) -> None:
         """Hand a job over; its `submitted` future then gives the sequence or the submit error."""
         if not self.alive:
             raise ShuttingDownError("the server is shutting down")
         with self._lock:
-            if self._handed_over + self._engine_waiting >= self.max_queue:
+            if self._queued() >= self.max_queue:
                 raise QueueFullError(f"the server is at capacity: {self.max_queue} requests are already waiting "
                                      "for device memory; retry later")
             self._handed_over += 1
@@ -213,7 +212,7 @@ class EngineWorker:
         job.sequence = seq
         job.resolve(seq)
         with self._lock:
-            self._engine_waiting = len(self.engine.waiting)
+            self._submitted.append(seq)
 
     def _on_token(self, job: Job, event: TokenEvent) -> None:
         now = time.perf_counter()
@@ -234,8 +233,8 @@ class EngineWorker:
 
     def _publish(self) -> None:
         with self._lock:
-            self._engine_waiting = len(self.engine.waiting)
-            queued = self._handed_over + self._engine_waiting
+            self._submitted = [seq for seq in self._submitted if seq.status is Status.WAITING]
+            queued = self._handed_over + len(self._submitted)
         self.metrics.engine_state(self.engine.memory(), queued)
 
     def _shut_down(self) -> None:
