@@ -14,6 +14,7 @@ from .runtime.engine import AdmissionError, LSAEngine, MemoryUsage, Prefill, Pro
 from .runtime.lsa_cache import LSACache
 from .runtime.report import GenerationReport, GenerationResult
 from .runtime.sampling import GenerationOptionsError, SamplingParams
+from .runtime.saved import SavedContextError, context_ids, question_ids
 from .runtime.sequence import Sequence, TokenEvent
 
 __version__ = "0.1.0"
@@ -22,4 +23,4 @@ __all__ = ["LSAConfig", "EngineConfig", "ConfigError", "Backbone", "BackboneErro
            "DEFAULT_POLICY", "BudgetError", "SelectionPolicy", "make_policy", "policy_names", "register_policy",
            "ContextLengthError", "LSACache", "LSAEngine", "AdmissionError", "MemoryUsage", "Prefill", "PromptError",
            "GenerationReport", "GenerationResult", "GenerationOptionsError", "SamplingParams", "Sequence",
-           "TokenEvent"]
+           "TokenEvent", "SavedContextError", "context_ids", "question_ids"]

@@ -43,8 +43,8 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
@@ -213,7 +213,8 @@ def save_context(prefill: "Prefill", path: str | os.PathLike, engine: "LSAEngine
     }
     blob = json.dumps(header).encode()
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the user's umask applies, as for any new file
     try:
         with os.fdopen(fd, "wb") as f:
             for part in [_PREAMBLE.pack(MAGIC, VERSION, len(blob)), blob]:
@@ -242,13 +243,6 @@ def save_context(prefill: "Prefill", path: str | os.PathLike, engine: "LSAEngine
 
 
 # ---------------------------------------------------------------------- reading
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise EOFError
-    return data
-
-
 def read_header(path: str | os.PathLike) -> dict:
     """A saved context's header, after checking its magic, format version and checksum."""
     path = Path(path)
