@@ -15,8 +15,9 @@ from tiny import ARCHITECTURES, hf_greedy, random_prompts, tiny_model
 
 NEW = 80  # more than one cycle of tau=64
 LENGTHS = (1100, 1300, 1500)
-# lsa's indexer is trained for the default backbone; it has its own contract test on the real model
-POLICIES = [p for p in policy_names() if p != "lsa"]
+# lsa's indexer is trained for the default backbone (its contract runs on the real model in test_stock_path);
+# deepseek-lsa scores DeepSeek-V4's compressed entries (tests/test_deepseek_runtime.py)
+POLICIES = [p for p in policy_names() if p not in ("lsa", "deepseek-lsa")]
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -37,7 +38,7 @@ def test_every_chunk_resident_equals_transformers_alone_and_batched(arch, policy
     assert all(r.report.cycles >= 2 and r.report.resident_fraction_max == pytest.approx(1.0) for r in batch)
 
 
-@pytest.mark.parametrize("policy", ["quest", "recency", "random", "streaming"])
+@pytest.mark.parametrize("policy", ["quest", "random"])  # a scored policy and a drawn one
 def test_small_budget_batch_equals_alone(arch, policy):
     model, prompts, _ = arch
     with LSAEngine(model, LSAConfig(budget=0.3)) as engine:

@@ -29,9 +29,9 @@ def policy_names() -> list[str]:
 
 
 def _load_optional() -> None:
-    # The learned policy lives beside the indexer; importing it registers `lsa`.
+    # The learned policies live beside the indexers; importing them registers `lsa` and `deepseek-lsa`.
     try:
-        from . import lsa  # noqa: F401
+        from . import deepseek_lsa, lsa  # noqa: F401
     except ImportError:
         pass
 
