@@ -478,11 +478,18 @@ class LSAEngine:
         room = self._room(len(ids), max_new_tokens, lookahead=True)
         seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new_tokens), room)
         seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
+        return self._prefill_from(seq, 0, None)
+
+    def _prefill_from(self, seq: Sequence, start: int, window: tuple[torch.Tensor, torch.Tensor] | None) -> Prefill:
+        """Prefill `seq.prompt_ids[start:]` densely in pieces over a host mirror that holds the first `start`
+        tokens (and, on a hybrid model, the sliding layers' rings `window` at `start`)."""
         self._take_window(seq)
         try:
             t0 = time.perf_counter()
-            logits = None
-            for lo in range(0, len(ids), self.config.prefill_chunk):
+            if window is not None:
+                self._load_window(seq, window)
+            ids = seq.prompt_ids
+            for lo in range(start, len(ids), self.config.prefill_chunk):
                 piece = ids[lo: lo + self.config.prefill_chunk]
                 logits = self._dense(seq, piece, lo)
                 seq.host.length = lo + len(piece)
@@ -490,7 +497,7 @@ class LSAEngine:
             window = self._window_of(seq) if self.window_pool is not None else None
         finally:
             self._drop_window(seq)
-        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), seconds, max_new_tokens,
+        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), seconds, seq.sampling.max_new_tokens,
                        seq.memory.dense_device_peak, window)
 
     def decode(self, prefill: Prefill, policy: str | SelectionPolicy = DEFAULT_POLICY,
@@ -581,24 +588,11 @@ class LSAEngine:
         room = self._room(len(ids), max_new, lookahead=True)
         seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new), room)
         seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
-        self._take_window(seq)
-        try:
-            t0 = time.perf_counter()
-            seq.host.k[:, :, :n].copy_(prefill.host.k[:, :, :n])
-            seq.host.v[:, :, :n].copy_(prefill.host.v[:, :, :n])
-            seq.host.length = n
-            if prefill.window is not None:
-                self._load_window(seq, prefill.window)
-            for lo in range(n, len(ids), self.config.prefill_chunk):
-                piece = ids[lo: lo + self.config.prefill_chunk]
-                logits = self._dense(seq, piece, lo)
-                seq.host.length = lo + len(piece)
-            seconds = time.perf_counter() - t0
-            window = self._window_of(seq) if self.window_pool is not None else None
-        finally:
-            self._drop_window(seq)
-        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), seconds, max_new,
-                       max(prefill.dense_device_peak, seq.memory.dense_device_peak), window)
+        seq.host.k[:, :, :n].copy_(prefill.host.k[:, :, :n])
+        seq.host.v[:, :, :n].copy_(prefill.host.v[:, :, :n])
+        seq.host.length = n
+        seq.memory.dense_device_peak = prefill.dense_device_peak
+        return self._prefill_from(seq, n, prefill.window)
 
     def ask(self, prefill: Prefill, question: str, policy: str | SelectionPolicy = DEFAULT_POLICY, *,
             chat: bool = False, on_token: Callable[[TokenEvent], None] | None = None, **options) -> GenerationResult:
