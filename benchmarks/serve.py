@@ -8,8 +8,11 @@ to first token and inter-token latency (gaps between streamed chunks; one chunk 
 here), and samples /metrics for the most requests running at once. Bounded: every request has a
 timeout, every level a deadline.
 
-    python benchmarks/serve.py                                        # ~10 minutes on a 2-core CPU
-    python benchmarks/serve.py --prompt-tokens 1600 --max-tokens 16 --concurrency 4 8   # a quick check
+    python benchmarks/serve.py              # 2048-token prompts, 4/8/16 clients: tens of minutes on a 2-core CPU
+    python benchmarks/serve.py --prompt-tokens 800 --budget 0.35 --max-tokens 8 --concurrency 4   # a quick check
+
+lsa's budget must cover sink + tail + one cycle of the history (LSAConfig: 236 tokens by default),
+so short prompts need a larger --budget.
 
 Writes benchmarks/results/serve.json and serve.md.
 """
@@ -40,7 +43,7 @@ from flashmemory.serving.metrics import parse
 RESULTS = Path(__file__).parent / "results"
 WORDS = ("river stone garden letter window morning silver market engine forest paper winter harbor lantern "
          "question story island village teacher doctor mountain candle ticket bridge orchard meadow").split()
-TOKENS_PER_WORD = 1.25  # about right for these words with SmolLM2's tokenizer; the table reports the measured count
+TOKENS_PER_WORD = 1.0  # about right for these words with SmolLM2's tokenizer; the table reports the measured count
 
 
 @dataclass
