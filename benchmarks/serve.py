@@ -11,8 +11,8 @@ timeout, every level a deadline.
     python benchmarks/serve.py              # 2048-token prompts, 4/8/16 clients: tens of minutes on a 2-core CPU
     python benchmarks/serve.py --prompt-tokens 800 --budget 0.35 --max-tokens 8 --concurrency 4   # a quick check
 
-lsa's budget must cover sink + tail + one cycle of the history (LSAConfig: 236 tokens by default),
-so short prompts need a larger --budget.
+A budget is floored at sink + tail + one cycle (256 tokens by default), so on short prompts lsa
+keeps a larger share than --budget says; the table's resident fractions show it.
 
 Writes benchmarks/results/serve.json and serve.md.
 """

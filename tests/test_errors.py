@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flashmemory import BackboneError, BudgetError, ConfigError, LSAConfig, LSAEngine, PromptError, load_backbone, make_policy
+from flashmemory import BackboneError, ConfigError, LSAConfig, LSAEngine, PromptError, load_backbone, make_policy
 from flashmemory.cli.main import main
 
 
@@ -44,11 +44,14 @@ def test_unknown_policy(capsys, tmp_path):
     assert code == 2 and "unknown policy" in err
 
 
-def test_budget_smaller_than_sink_and_tail(engine, essays):
+def test_a_budget_below_sink_and_tail_keeps_the_working_set(engine, essays):
     ids = engine.tokenizer(essays)["input_ids"][:1500]
-    with pytest.raises(BudgetError, match="smaller than sink \\+ tail"):
-        engine.generate(ids, policy="quest", max_new_tokens=4, config=LSAConfig(budget=0.05))
-    with pytest.raises(ConfigError, match="smaller than sink \\+ tail"):
+    config = LSAConfig(budget=0.05)
+    result = engine.generate(ids, policy="quest", max_new_tokens=4, config=config)
+    working_set = config.min_pages * config.page_size  # sink + tail + one cycle
+    assert config.budget_tokens(1500) == working_set
+    assert 0.05 < result.report.resident_fraction_max <= working_set / 1500
+    with pytest.raises(ConfigError, match="smaller than sink \\+ tail"):  # a fixed page cap cannot be floored
         LSAConfig(budget=None, max_pages=3)
 
 

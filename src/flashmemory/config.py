@@ -93,10 +93,13 @@ class LSAConfig:
         A fraction is taken of the history at the cycle's end (history + tau): the device
         holds the open region's new tokens too, so measured against the history at any step
         of the cycle the resident share never exceeds `budget`, and budget=1.0 keeps all.
+        It is floored at the working set every policy keeps (sink + tail + one cycle,
+        `min_pages`), so a short history is kept whole rather than refused; from about
+        `min_pages * page_size / budget` tokens on, the fraction governs.
         """
         if self.max_pages is not None:
             return self.max_pages * self.page_size
-        return math.floor(float(self.budget) * (history + self.tau) + 1e-9)
+        return max(math.floor(float(self.budget) * (history + self.tau) + 1e-9), self.min_pages * self.page_size)
 
     def with_(self, **changes) -> "LSAConfig":
         """A copy with some fields changed (validated again)."""

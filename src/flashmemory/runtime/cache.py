@@ -52,12 +52,8 @@ class StepPlan:
     window_gather: torch.Tensor | None = None  # decode: ring positions each row attends to [B, window_length]
 
 
-class TieredLayer(CacheLayerMixin):
-    """A global attention layer: writes new K/V where the step plan says and returns what to attend.
-
-    `row` is the layer's index among the tiered layers (its row in host mirrors and the device pool)."""
-
-    is_sliding = False
+class _PlannedLayer(CacheLayerMixin):
+    """A layer that does what the cache's step plan says; `row` is its index among the layers of its kind."""
 
     def __init__(self, cache: "TieredCache", layer: int, row: int):
         super().__init__()
@@ -67,12 +63,30 @@ class TieredLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Storage is the shared device pool and the sequences' host mirrors, allocated up front."""
+        """Storage (the device pools, the sequences' host mirrors) is allocated up front."""
+
+    def _plan(self) -> StepPlan:
+        if self.cache.plan is None:
+            raise RuntimeError("TieredCache used without a step plan: run it through LSAEngine or LSACache")
+        return self.cache.plan
+
+    def get_seq_length(self) -> int:
+        plan = self.cache.plan
+        if plan is None:
+            return 0
+        return plan.start if plan.dense else plan.seqs[0].length
+
+    def reset(self) -> None:
+        """Sequences own their state; there is nothing per layer to reset."""
+
+
+class TieredLayer(_PlannedLayer):
+    """A global attention layer: its history lives in host mirrors and its resident pages in the device pool."""
+
+    is_sliding = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        plan, pool = self.cache.plan, self.cache.pool
-        if plan is None:
-            raise RuntimeError("TieredCache used without a step plan: run it through LSAEngine or LSACache")
+        plan, pool = self._plan(), self.cache.pool
         if plan.dense:
             seq = plan.seqs[0]
             seq.host.write(self.row, plan.start, key_states[0], value_states[0])
@@ -89,38 +103,17 @@ class TieredLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.plan.kv_length, 0
 
-    def get_seq_length(self) -> int:
-        plan = self.cache.plan
-        if plan is None:
-            return 0
-        return plan.start if plan.dense else plan.seqs[0].length
-
     def get_max_length(self) -> int:
         return -1
 
-    def reset(self) -> None:
-        """Sequences own their state; there is nothing per layer to reset."""
 
-
-class WindowLayer(CacheLayerMixin):
+class WindowLayer(_PlannedLayer):
     """A sliding-window layer: a ring of the last `window` tokens per sequence, never tiered."""
 
     is_sliding = True
 
-    def __init__(self, cache: "TieredCache", layer: int, row: int):
-        super().__init__()
-        self.cache = cache
-        self.layer = layer
-        self.row = row
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Storage is the window pool, allocated up front."""
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        plan, pool = self.cache.plan, self.cache.window_pool
-        if plan is None:
-            raise RuntimeError("TieredCache used without a step plan: run it through LSAEngine or LSACache")
+        plan, pool = self._plan(), self.cache.window_pool
         k_ring, v_ring = pool.k[self.row], pool.v[self.row]
         if plan.dense:
             k = torch.cat([k_ring[:, plan.window_read][None], key_states], dim=2)  # the window before, then the new
@@ -137,17 +130,8 @@ class WindowLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.plan.window_length, self.cache.plan.window_offset
 
-    def get_seq_length(self) -> int:
-        plan = self.cache.plan
-        if plan is None:
-            return 0
-        return plan.start if plan.dense else plan.seqs[0].length
-
     def get_max_length(self) -> int:
         return self.cache.window_pool.page_size
-
-    def reset(self) -> None:
-        """Sequences own their state; there is nothing per layer to reset."""
 
 
 class TieredCache(Cache):

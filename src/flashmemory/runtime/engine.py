@@ -504,8 +504,11 @@ class LSAEngine:
                max_new_tokens: int | None = None, config: LSAConfig | None = None,
                stop_at_eos: bool = True) -> GenerationResult:
         """Greedy decoding from a prefill, with `policy` choosing the resident set every tau steps."""
-        seq = self.submit_prefilled(prefill, policy, config=config, max_new_tokens=max_new_tokens,
-                                    stop_at_eos=stop_at_eos)
+        return self._run_one(self.submit_prefilled(prefill, policy, config=config, max_new_tokens=max_new_tokens,
+                                                   stop_at_eos=stop_at_eos))
+
+    def _run_one(self, seq: Sequence) -> GenerationResult:
+        """Step until `seq` ends (other sequences run along); cancel it if the loop is interrupted."""
         try:
             self.run([seq])
         except BaseException:
@@ -604,13 +607,7 @@ class LSAEngine:
         from .saved import question_ids
 
         extended = self.extend(prefill, question_ids(self, prefill, question, chat), options.get("max_new_tokens"))
-        seq = self.submit_prefilled(extended, policy, on_token=on_token, **options)
-        try:
-            self.run([seq])
-        except BaseException:
-            self.cancel(seq)
-            raise
-        return self.result(seq)
+        return self._run_one(self.submit_prefilled(extended, policy, on_token=on_token, **options))
 
     def save(self, prefill: Prefill, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a prefill to a `.fmkv` file atomically (`saved.save_context`); `force` replaces an existing file."""
