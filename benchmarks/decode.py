@@ -69,8 +69,8 @@ def run_one(shape: str, context: int, steps: int, warmup: int, max_pages: int, d
     del static
     gc.collect()
 
-    seq = engine.submit_prefilled(synthetic_prefill(engine, history, context, warmup + steps + 1), "quest",
-                                  max_new_tokens=warmup + steps + 1, stop_at_eos=False)
+    seq = engine.submit_prefilled(synthetic_prefill(engine, history, context, warmup + steps + 2), "quest",
+                                  max_new_tokens=warmup + steps + 2, stop_at_eos=False)  # still running at the end
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
