@@ -179,3 +179,33 @@ def test_dump_train_load(model, tmp_path):
 
 def prompt_ids(n: int) -> torch.Tensor:
     return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(3))
+
+
+def test_generate_cli_runs_a_deepseek_folder(tmp_path, capsys, backbone):
+    """`flashmemory generate --model DIR` on a DeepSeek-V4 folder (tiny random weights, the default
+    model's tokenizer): with every entry resident its tokens equal transformers' greedy generate."""
+    import json as json_
+
+    from transformers import DeepseekV4ForCausalLM
+
+    from flashmemory.cli.main import main
+
+    cfg = tiny_deepseek_config()
+    cfg.vocab_size = len(backbone.tokenizer)
+    cfg.architectures = ["DeepseekV4ForCausalLM"]
+    torch.manual_seed(0)
+    DeepseekV4ForCausalLM(cfg).save_pretrained(tmp_path / "ds")
+    backbone.tokenizer.save_pretrained(tmp_path / "ds")
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    code = main(["generate", "--model", str(tmp_path / "ds"), "--prompt-file", str(prompt), "--policy", "full",
+                 "--max-new-tokens", "8", "--json"])
+    data = json_.loads(capsys.readouterr().out)
+    assert code == 0 and data["report"]["cycles"] >= 1 and data["report"]["csa_entries"] > 0
+    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "ds", attn_implementation="eager").eval()
+    ids = torch.tensor([backbone.tokenizer(prompt.read_text())["input_ids"]])
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert data["token_ids"] == want[0, ids.shape[1]:].tolist()
+    code = main(["generate", "--model", str(tmp_path / "ds"), "--prompt-file", str(prompt), "--stop", "x"])
+    assert code == 2 and "greedy decoding of a prompt file only" in capsys.readouterr().err

@@ -24,7 +24,8 @@ def register(sub) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("--prompt-file", required=True, type=Path, help="UTF-8 text file with the prompt ('-' for stdin)")
     p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3); default: embedded SmolLM2-135M-Instruct")
+                   help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3, DeepSeek-V4), or an "
+                        "embedded model (smollm2-135m, gemma3-270m); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help="selection policy: lsa (learned indexer; shipped for the default model, --indexer for others), "
                         "quest, full, recency, random, streaming, oracle")
@@ -62,8 +63,40 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _run_deepseek(args, backbone, prompt: str) -> int:
+    """DeepSeek-V4: one sequence, greedy, with LSA over its compressed entries (runtime/deepseek.py)."""
+    from ..policies import make_policy
+    from ..runtime.deepseek import DeepseekLSAConfig, generate_one
+
+    if args.context is not None or args.stop or args.temperature:
+        raise ValueError("with a DeepSeek-V4 model, generate runs greedy decoding of a prompt file only "
+                         "(no --context, --stop or --temperature yet)")
+    name = "deepseek-lsa" if args.policy == "lsa" else args.policy
+    policy = make_policy(name, **({"checkpoint": args.indexer} if name == "deepseek-lsa" and args.indexer else {}))
+    config = DeepseekLSAConfig(tau=args.tau, **({"max_pages": args.max_pages} if args.max_pages else {}))
+    tok = backbone.tokenizer
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tok(prompt)["input_ids"]
+    tokens, report = generate_one(backbone.model, ids, args.max_new_tokens, policy, config)
+    text = tok.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": tokens, "report": report}))
+        return 0
+    print(text)
+    print()
+    print(f"--- memory report ({report['policy']}, DeepSeek-V4 CSA entries) ---")
+    print(f"prompt {report['prompt_tokens']} tokens, {report['cycles']} cycles; resident entries at most "
+          f"{report['resident_entries_max']} of {report['csa_entries']}; CSA device bytes peak "
+          f"{_human(report['csa_device_bytes_peak'])} of {_human(report['csa_full_bytes'])}, host mirror "
+          f"{_human(report['host_bytes'])}")
+    return 0
+
+
 def run(args) -> int:
-    from ..models.loader import load_backbone
+    from ..models.loader import check_architecture, load_backbone
     from ..policies import make_policy
     from ..runtime.engine import LSAEngine
 
@@ -74,8 +107,10 @@ def run(args) -> int:
         SamplingParams(**options, stop=tuple(args.stop or ()))  # bad options fail before the model loads
         prompt = _read_prompt(args.prompt_file)
         policy_kwargs = {"checkpoint": args.indexer} if args.policy == "lsa" and args.indexer else {}
-        policy = make_policy(args.policy, **policy_kwargs)
+        policy = make_policy(args.policy, **policy_kwargs)  # an unknown policy fails before the model loads
         backbone = load_backbone(args.model, device=args.device)
+        if check_architecture(backbone.config, single_sequence_ok=True) == "deepseek_v4":
+            return _run_deepseek(args, backbone, prompt)
         with LSAEngine(backbone, config) as engine:
             if args.context is not None:
                 result = engine.ask(engine.load(args.context), prompt, policy, chat=args.chat,

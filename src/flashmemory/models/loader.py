@@ -86,6 +86,12 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3_text",
 }
 
+# Decoders run one sequence at a time by their own cache inside `model.generate`
+# (runtime/deepseek.py: LSA over DeepSeek-V4's compressed entries), not by the batched LSAEngine.
+SINGLE_SEQUENCE_ARCHITECTURES = {
+    "DeepseekV4ForCausalLM": "deepseek_v4",
+}
+
 
 class BackboneError(ValueError):
     """A model folder that is missing, unreadable, or not a supported causal LM."""
@@ -223,12 +229,19 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def check_architecture(config) -> str:
-    """Return the family name, or raise naming what is supported."""
+def check_architecture(config, single_sequence_ok: bool = False) -> str:
+    """Return the family name, or raise naming what is supported (`single_sequence_ok`: also accept the
+    families that only run one sequence at a time, outside LSAEngine)."""
     archs = list(getattr(config, "architectures", None) or [])
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
+        if arch in SINGLE_SEQUENCE_ARCHITECTURES:
+            if single_sequence_ok:
+                return SINGLE_SEQUENCE_ARCHITECTURES[arch]
+            raise BackboneError(f"{arch} runs one sequence at a time with its own cache "
+                                "(flashmemory.runtime.deepseek.DeepseekLSACache, or `flashmemory generate`); "
+                                "LSAEngine does not batch it yet")
     names = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
     got = ", ".join(archs) or f"model_type={getattr(config, 'model_type', '?')}"
     raise BackboneError(f"unsupported architecture ({got}); supported causal LMs: {names}")
@@ -258,9 +271,10 @@ def load_backbone(model: str | os.PathLike | None = None, dtype: torch.dtype = t
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a bad config
         raise BackboneError(f"cannot read the model config in {path}: {exc}") from None
-    check_architecture(config)
+    family = check_architecture(config, single_sequence_ok=True)
+    attention = "eager" if family in SINGLE_SEQUENCE_ARCHITECTURES.values() else "sdpa"  # DeepSeek-V4: eager only
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise BackboneError(f"cannot load the model in {path}: {exc}") from None

@@ -406,3 +406,27 @@ class DeepseekLSACache(Cache):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@torch.no_grad()
+def generate_one(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
+                 policy: str | SelectionPolicy = "deepseek-lsa", config: DeepseekLSAConfig | None = None,
+                 eos: bool = True) -> tuple[list[int], dict]:
+    """Greedy generation of one sequence with LSA over the CSA entries; returns (new token ids, memory report)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    limit = {} if eos else {"min_new_tokens": max_new_tokens}
+    with DeepseekLSACache(model, config, policy=policy, max_length=len(prompt_ids) + max_new_tokens) as cache:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, past_key_values=cache, **limit)
+    steps = cache.steps
+    report = {
+        "policy": cache.policy.name, "prompt_tokens": len(prompt_ids), "cycles": len(cache.cycles),
+        "csa_entries": cache.steps[-1].entries if steps else 0,
+        "resident_entries_max": max((s.resident for s in steps), default=0),
+        "csa_device_bytes_peak": max((s.device_bytes for s in steps), default=0),
+        "csa_full_bytes": (steps[-1].entries * cache.entry_bytes) if steps else 0,
+        "host_bytes": cache.host_bytes, "transfers": cache.transfers.to_dict(),
+        "decode_ms_per_token": 1000 * sum(s.seconds for s in steps) / max(1, len(steps)),
+    }
+    return out[0, len(prompt_ids):].tolist(), report

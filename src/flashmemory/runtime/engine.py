@@ -95,8 +95,8 @@ class LSAEngine:
         if isinstance(model, Backbone):
             self.backbone, tokenizer, model = model, tokenizer or model.tokenizer, model.model
         else:
-            check_architecture(model.config)
             self.backbone = None
+        check_architecture(model.config)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or LSAConfig()
