@@ -124,7 +124,9 @@ def test_trained_checkpoint_drives_the_lsa_policy(trained, backbone, tmp_path, e
         handle.remove()
     assert result.report.policy == "lsa" and result.report.cycles >= 2
     assert len(calls) - n_prefill == len(result.token_ids) - 1  # one forward per new token: no second pass
-    assert policy.store.n_chunks == (len(ids) + 64) // 32     # keys compressed once and kept across cycles
+    cfg = policy.indexer.cfg  # the sequence's key store covers every chunk complete at the last cycle start
+    keys_per_chunk = cfg.chunk_size // policy.key_block
+    assert result.report.index_bytes == len(cfg.layers) * ((len(ids) + 64) // 32) * keys_per_chunk * cfg.key_dim * 2
 
 
 def test_training_never_loads_the_backbone(small_dump, tmp_path):
