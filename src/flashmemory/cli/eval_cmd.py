@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import LSAConfig
 from .errors import HelpFormatter, USER_ERRORS, fail
-from .options import add_options, build
+from .options import add_model_option, add_options, build
 
 LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens"]
 
@@ -44,8 +44,7 @@ def register(sub) -> None:
                    help=f"preset: tasks {QUICK['tasks']}, length {QUICK['length']}, {QUICK['samples']} samples "
                         "(explicit --tasks/--length/--samples still win)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
-    p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder; default: embedded SmolLM2-135M-Instruct")
+    add_model_option(p)
     p.add_argument("--device", default="cpu", help="compute device, e.g. cpu or cuda")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat template")

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 from ..config import LSAConfig
-from ..policies import DEFAULT_POLICY
 from ..runtime.sampling import SamplingParams
 from .errors import HelpFormatter, USER_ERRORS, fail
-from .options import add_options, build
+from .options import add_model_option, add_options, add_policy_option, build
 
 LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens"]
 SAMPLING_OPTIONS = ["max_new_tokens", "temperature", "top_p", "top_k", "seed"]
@@ -23,12 +22,8 @@ def register(sub) -> None:
                     "memory; every --tau decode steps the policy picks which chunks are resident on the device.",
         formatter_class=HelpFormatter)
     p.add_argument("--prompt-file", required=True, type=Path, help="UTF-8 text file with the prompt ('-' for stdin)")
-    p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3, DeepSeek-V4), or an "
-                        "embedded model (smollm2-135m, gemma3-270m); default: embedded SmolLM2-135M-Instruct")
-    p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help="selection policy: lsa (learned indexer; shipped for the default model, --indexer for others), "
-                        "quest, full, recency, random, streaming, oracle")
+    add_model_option(p, single_sequence=True)
+    add_policy_option(p)
     budget = p.add_mutually_exclusive_group()
     add_options(budget, LSAConfig, ["budget", "max_pages"])
     add_options(p, SamplingParams, SAMPLING_OPTIONS)

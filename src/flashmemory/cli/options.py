@@ -44,6 +44,27 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
                                 metavar=None if choices else flag.replace("-", "_").upper())
 
 
+def add_model_option(parser: argparse.ArgumentParser, single_sequence: bool = False) -> None:
+    """`--model`: a local folder of a supported architecture or an embedded model's name (None: the default)."""
+    from ..models.loader import DEFAULT_MODEL, EMBEDDED_MODELS, SINGLE_SEQUENCE_ARCHITECTURES, SUPPORTED_ARCHITECTURES
+
+    kinds = list(SUPPORTED_ARCHITECTURES.values())
+    if single_sequence:
+        kinds += list(SINGLE_SEQUENCE_ARCHITECTURES.values())
+    parser.add_argument("--model", default=None,
+                        help=f"a local Hugging Face model folder ({', '.join(kinds)}) or an embedded model "
+                             f"({', '.join(EMBEDDED_MODELS)}); default: {DEFAULT_MODEL}")
+
+
+def add_policy_option(parser: argparse.ArgumentParser, what: str = "selection policy") -> None:
+    """`--policy`: one of the registered policies (default: `DEFAULT_POLICY`)."""
+    from ..policies import DEFAULT_POLICY, policy_names
+
+    parser.add_argument("--policy", default=DEFAULT_POLICY,
+                        help=f"{what}: {', '.join(policy_names())} (lsa: the learned indexer, shipped for the embedded "
+                             f"models, --indexer for others; default: {DEFAULT_POLICY})")
+
+
 def build(cls, args: argparse.Namespace, names: list[str], **overrides):
     """An instance of `cls` from parsed options (fields not named keep their defaults)."""
     values = {name: getattr(args, name) for name in names}

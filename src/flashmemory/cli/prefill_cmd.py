@@ -8,7 +8,7 @@ from ..config import LSAConfig
 from ..runtime.sampling import SamplingParams
 from .errors import HelpFormatter, USER_ERRORS, fail
 from .generate_cmd import _human, _read_prompt
-from .options import add_options, build
+from .options import add_model_option, add_options, build
 
 LSA_OPTIONS = ["chunk_size", "page_size", "prefill_chunk"]
 
@@ -24,8 +24,7 @@ def register(sub) -> None:
     p.add_argument("--prompt-file", required=True, type=Path, help="UTF-8 text file with the document ('-' for stdin)")
     p.add_argument("--save", required=True, type=Path, help="the file to write (name ending with .fmkv)")
     p.add_argument("--force", action="store_true", help="overwrite the file if it exists")
-    p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3); default: embedded SmolLM2-135M-Instruct")
+    add_model_option(p)
     p.add_argument("--chat", action="store_true",
                    help="the document opens a chat user turn; questions must then be asked with --chat")
     add_options(p, SamplingParams, ["max_new_tokens"])

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import EngineConfig, LSAConfig
-from ..policies import DEFAULT_POLICY
 from .errors import HelpFormatter, USER_ERRORS, fail
-from .options import add_options, build
+from .options import add_model_option, add_options, add_policy_option, build
 
 _LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens", "threshold", "prefill_chunk"]
 _ENGINE_OPTIONS = ["device_memory", "max_batch"]
@@ -23,11 +22,8 @@ def register(sub) -> None:
                     "KV pages fit --device-memory, otherwise it waits in a queue of at most --max-queue requests "
                     "(beyond that: HTTP 429). A request may pick its policy with the extra body field `policy`.",
         formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3); default: embedded SmolLM2-135M-Instruct")
-    p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help="default selection policy: lsa (learned indexer; shipped for the default model, --indexer for "
-                        "others), quest, full, recency, random, streaming, oracle")
+    add_model_option(p)
+    add_policy_option(p, what="default selection policy")
     p.add_argument("--indexer", type=Path, default=None, help="indexer checkpoint folder for policy lsa (default: shipped)")
     budget = p.add_mutually_exclusive_group()
     add_options(budget, LSAConfig, ["budget", "max_pages"])
