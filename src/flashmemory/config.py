@@ -38,9 +38,11 @@ class LSAConfig:
     prefill_chunk: int = field(default=2048, metadata={
         "help": "prompt tokens per prefill forward (running sequences decode between pieces)"})
     seed: int = field(default=0, metadata={"help": "seed of the random policy"})
+    observation_window: int = field(default=32, metadata={
+        "help": "last prompt tokens whose attention inputs are kept after a prefill (snapkv's observation window)"})
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "page_size", "tau", "prefill_chunk"):
+        for name in ("chunk_size", "page_size", "tau", "prefill_chunk", "observation_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -116,11 +118,23 @@ class EngineConfig:
     `device_memory` is the byte budget of the device KV pool for all sequences together; a
     sequence is admitted only when its reservation fits (otherwise it waits). None sizes the
     pool to what the admitted sequences need (it grows at admission, never inside a step).
+
+    `host_memory` caps each sequence's host mirror (not the engine's total: a sequence's cap then
+    never depends on what else runs, and one sequence's prefetch never evicts another's pages);
+    history beyond it lives in a spill file in `spill_dir` (memory/spill.py).
     """
 
     device_memory: int | None = field(default=None, metadata={
         "help": "bytes of device KV for all sequences together (default: grow as sequences are admitted)"})
     max_batch: int = field(default=16, metadata={"help": "most sequences decoding together in one forward"})
+    host_memory: int | None = field(default=None, metadata={
+        "help": "bytes of host memory for one sequence's KV history; the rest spills to a file in spill_dir "
+                "(default: the whole history in host memory)"})
+    spill_dir: str | None = field(default=None, metadata={
+        "help": "folder for the spill files of histories beyond host_memory (default: the system's temp folder)"})
+    prefetch_multiple: float = field(default=2.0, metadata={
+        "help": "pages read from disk ahead of the next cycle: the resident set plus the next-ranked pages, "
+                "up to this multiple of the budget's pages"})
 
     def __post_init__(self) -> None:
         if self.device_memory is not None and (isinstance(self.device_memory, bool) or not isinstance(
@@ -128,3 +142,12 @@ class EngineConfig:
             raise ConfigError(f"device_memory must be a positive number of bytes, got {self.device_memory!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch <= 0:
             raise ConfigError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if self.host_memory is not None and (isinstance(self.host_memory, bool) or not isinstance(
+                self.host_memory, int) or self.host_memory <= 0):
+            raise ConfigError(f"host_memory must be a positive number of bytes, got {self.host_memory!r}")
+        if self.spill_dir is not None and (not isinstance(self.spill_dir, str) or not self.spill_dir.strip()):
+            raise ConfigError(f"spill_dir must be a folder path, got {self.spill_dir!r}")
+        if isinstance(self.prefetch_multiple, bool) or not isinstance(self.prefetch_multiple, (int, float)) \
+                or not 1.0 <= self.prefetch_multiple <= 1e6:
+            raise ConfigError(f"prefetch_multiple must be a number >= 1 (1: no pages beyond the resident set), "
+                              f"got {self.prefetch_multiple!r}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from .base import BudgetError, PagePlan, SelectionContext, SelectionPolicy, choose_pages
 from .baselines import FullPolicy, RandomPolicy, RecencyPolicy, StreamingPolicy
+from .kvzip import KVzipPolicy
 from .oracle import OraclePolicy
 from .quest import QuestPolicy
+from .snapkv import SnapKVPolicy
 
 #: The policy used when none is named (the API, the CLI and the server): the learned indexer.
 DEFAULT_POLICY = "lsa"
@@ -19,7 +21,8 @@ def register_policy(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
     return cls
 
 
-for _cls in (FullPolicy, RecencyPolicy, RandomPolicy, StreamingPolicy, QuestPolicy, OraclePolicy):
+for _cls in (FullPolicy, RecencyPolicy, RandomPolicy, StreamingPolicy, QuestPolicy, OraclePolicy, SnapKVPolicy,
+             KVzipPolicy):
     register_policy(_cls)
 
 
@@ -48,4 +51,4 @@ def make_policy(policy: str | SelectionPolicy, **kwargs) -> SelectionPolicy:
 
 __all__ = ["DEFAULT_POLICY", "BudgetError", "PagePlan", "SelectionContext", "SelectionPolicy", "choose_pages", "make_policy",
            "policy_names", "register_policy", "FullPolicy", "RecencyPolicy", "RandomPolicy", "StreamingPolicy",
-           "QuestPolicy", "OraclePolicy"]
+           "QuestPolicy", "OraclePolicy", "SnapKVPolicy", "KVzipPolicy"]

@@ -6,10 +6,15 @@ about one sequence between cycles (quest's key bounds, lsa's key store) is a chu
 the policy creates with `new_index` and the sequence owns; it comes back in `ctx.index`.
 Everything common to all policies (sink and tail pages, the budget, the page cap, threshold
 versus top-k) lives in `choose_pages`, so policies compare fairly.
+
+An eviction policy (`evicts`) is scored once, at its sequence's first cycle: the pages chosen then
+are an `Eviction`, and from then on the resident set is those pages plus every page that history
+gains later (answers, follow-up questions); nothing dropped comes back.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal, Protocol
 
@@ -41,6 +46,8 @@ class SelectionContext:
     activations: object | None = None  # runtime.capture.Activations of the last token
     index: ChunkIndex | None = None    # this sequence's chunk index (from policy.new_index)
     lookahead: Callable[[], torch.Tensor] | None = None  # -> [steps, layers, n_chunks] future attention mass
+    # -> [layers, kv_heads, length] the most attention each history token gets while the model repeats the history
+    reconstruction: Callable[[], torch.Tensor] | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
     layers: tuple[int, ...] | None = None  # backbone layer of each host_keys row (None: row i is layer i)
 
@@ -63,6 +70,8 @@ class SelectionPolicy:
     mode: ClassVar[Literal["topk", "threshold", "all"]] = "topk"
     keep_sink: ClassVar[bool] = True
     needs_lookahead: ClassVar[bool] = False  # decodes ahead (only LSAEngine can provide it)
+    needs_reconstruction: ClassVar[bool] = False  # reads ctx.reconstruction (only LSAEngine can provide it)
+    evicts: ClassVar[bool] = False  # decides once at the first cycle and never recalls (see `Eviction`)
 
     def bind(self, model) -> None:
         """Called with the backbone (a transformers model) before its first sequence.
@@ -88,6 +97,38 @@ class PagePlan:
 
     pages: list[int]
     allowed: int       # how many resident pages the budget allows this cycle
+    ranked: tuple[int, ...] = ()  # the pages not chosen, best first (the disk tier prefetches the first ones)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """An eviction policy's one decision: of the first `n_pages` pages, only `kept` stay; later pages all stay."""
+
+    kept: tuple[int, ...]
+    n_pages: int
+
+    def pages(self, n_pages: int) -> list[int]:
+        """The resident pages when history has `n_pages` complete pages."""
+        return list(self.kept) + list(range(self.n_pages, n_pages))
+
+    @property
+    def evicted(self) -> list[int]:
+        return sorted(set(range(self.n_pages)) - set(self.kept))
+
+    def positions(self, length: int, page_size: int) -> torch.Tensor:
+        """History positions (of the first `length` tokens) that remain visible."""
+        kept = torch.tensor(self.kept, dtype=torch.long)[:, None] * page_size + torch.arange(page_size)
+        return torch.cat([kept.flatten(), torch.arange(self.n_pages * page_size, length)])
+
+
+def reserve_evicting(config: LSAConfig, mode: str, decided_at: int, max_length: int,
+                     eviction: Eviction | None = None) -> int:
+    """Device pages of an eviction policy's sequence: what it keeps at its decision (made at `decided_at`
+    tokens, or already made: `eviction`), plus every page up to `max_length`."""
+    if eviction is not None:
+        return len(eviction.kept) + math.ceil(max_length / config.page_size) - eviction.n_pages + config.open_pages
+    later = math.ceil(max(0, max_length - decided_at) / config.page_size)
+    return reserve_pages(config, mode, decided_at) + later
 
 
 def reserve_pages(config: LSAConfig, mode: str, max_length: int) -> int:
@@ -142,4 +183,4 @@ def choose_pages(policy: SelectionPolicy, ctx: SelectionContext, capacity_pages:
     # ties go to newer pages: sort by (score, page index) descending
     order = sorted(candidates.tolist(), key=lambda p: (page_score[p].item(), p), reverse=True)
     chosen = order[: allowed - len(forced)]
-    return PagePlan(sorted(forced | set(chosen)), allowed)
+    return PagePlan(sorted(forced | set(chosen)), allowed, tuple(order[allowed - len(forced):]))

@@ -44,3 +44,17 @@ def top_p_mask(mass: torch.Tensor, p: float) -> torch.Tensor:
     keep_sorted = before < p  # keep each chunk until the mass before it already reaches p
     mask = torch.zeros_like(keep_sorted)
     return mask.scatter(-1, order, keep_sorted)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, first: int) -> torch.Tensor:
+    """Attention probabilities of every query head, causally masked.
+
+    q: [n, heads, head_dim] post-RoPE queries of the tokens at positions first .. first + n - 1;
+    k: [kv_heads, T, head_dim] post-RoPE keys of positions 0 .. T - 1. Returns [kv_heads, group, n, T].
+    """
+    n, heads, dim = q.shape
+    kv_heads, T, _ = k.shape
+    qg = q.float().reshape(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
+    logits = qg @ k.float().transpose(1, 2)[:, None] / math.sqrt(dim)
+    future = torch.arange(T, device=q.device)[None] > torch.arange(first, first + n, device=q.device)[:, None]
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)

@@ -43,6 +43,7 @@ class StepPlan:
     gather: torch.Tensor | None = None        # decode: pool positions each row attends to [B, kv_length]
     attention_mask: torch.Tensor | dict | None = None  # decode with rows of different lengths ([B, 1, 1, T])
     position_ids: torch.Tensor | None = None  # [B, q_len] true positions
+    attend: torch.Tensor | None = None        # sparse dense: host positions attended, the new tokens last (None: all)
     # sliding layers: ring positions in the window pool
     window_length: int = 0                    # keys a row attends to (padded length in a batch)
     window_offset: int = 0                    # history position of the first of them (one sequence)
@@ -91,6 +92,8 @@ class TieredLayer(_PlannedLayer):
             seq = plan.seqs[0]
             seq.host.write(self.row, plan.start, key_states[0], value_states[0])
             k, v = seq.host.layer_view(self.row, plan.start + plan.q_len)
+            if plan.attend is not None:  # only the kept history (an eviction policy's follow-up prompt)
+                k, v = k.index_select(2, plan.attend), v.index_select(2, plan.attend)
             if pool.device.type != "cpu":  # one layer of this history visits the device at a time
                 k, v = k.to(pool.device, non_blocking=True), v.to(pool.device, non_blocking=True)
             seq.memory.dense_device_peak = max(seq.memory.dense_device_peak, k.nbytes + v.nbytes)
@@ -168,13 +171,21 @@ class TieredCache(Cache):
         return self._buf_k[:n].view(shape), self._buf_v[:n].view(shape)
 
     # ------------------------------------------------------------------ step plans
-    def plan_dense(self, seq: Sequence, start: int, n: int) -> StepPlan:
-        """A dense forward of n tokens of one sequence at history position `start`."""
+    def plan_dense(self, seq: Sequence, start: int, n: int, kept: torch.Tensor | None = None) -> StepPlan:
+        """A dense forward of n tokens of one sequence at history position `start`, over its whole history,
+        or (`kept`: sorted host positions before `start`) over those positions only: a sparse prefill."""
         if start + n > seq.host.capacity:
             raise ContextLengthError(f"{start + n} tokens exceed the sequence's max_length of {seq.host.capacity}")
         device = self.pool.device
         self.plan = StepPlan(True, [seq], start=start, q_len=n, kv_length=start + n,
                              position_ids=torch.arange(start, start + n, device=device)[None])
+        if kept is not None:
+            new = torch.arange(start, start + n)
+            self.plan.attend = torch.cat([kept.long(), new])
+            self.plan.kv_length = self.plan.attend.numel()
+            causal = new[None, :] <= new[:, None]  # [n, n]
+            self.plan.attention_mask = torch.cat([torch.ones(n, kept.numel(), dtype=torch.bool), causal],
+                                                 1)[None, None].to(device)
         if self.window_pool is not None:
             W, base = self.window_pool.page_size, seq.window_slot * self.window_pool.page_size
             before = min(start, W - 1)
@@ -184,6 +195,11 @@ class TieredCache(Cache):
                                                  dtype=torch.long, device=device)
             self.plan.window_store = torch.tensor([base + p % W for p in range(start + n - stored, start + n)],
                                                   dtype=torch.long, device=device)
+            if kept is not None:  # explicit masks for both kinds of layer
+                kv = torch.arange(start - before, start + n)[None]
+                q = torch.arange(start, start + n)[:, None]
+                sliding = ((kv <= q) & (kv > q - W))[None, None].to(device)
+                self.plan.attention_mask = {"full_attention": self.plan.attention_mask, "sliding_attention": sliding}
         return self.plan
 
     def plan_decode(self, seqs: list[Sequence]) -> StepPlan:

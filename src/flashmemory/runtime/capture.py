@@ -52,10 +52,24 @@ class Activations:
         layers = range(len(self.modules)) if layers is None else layers
         return [project_queries(self.modules[i], self.inputs[i], self.cos[i], self.sin[i]) for i in layers]
 
+    @property
+    def tokens(self) -> int:
+        return self.inputs[0].shape[0]
+
     def last(self, n: int = 1) -> "Activations":
         """The same for the last n tokens only."""
         r = slice(-n, None)
         return Activations(self.modules, [x[r] for x in self.inputs], [c[r] for c in self.cos], [s[r] for s in self.sin])
+
+    def then(self, later: "Activations", keep: int) -> "Activations":
+        """These tokens followed by `later`'s, the last `keep` of them."""
+        if later.tokens >= keep:
+            return later.last(keep)
+        def join(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.cat([x.to(y.device), y]) for x, y in zip(a, b)]
+
+        return Activations(later.modules, join(self.inputs, later.inputs), join(self.cos, later.cos),
+                           join(self.sin, later.sin)).last(keep)
 
 
 class ActivationRecorder:

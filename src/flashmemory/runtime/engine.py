@@ -14,6 +14,7 @@ Sequences join and leave between steps. `generate` submits prompts and steps unt
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
@@ -26,11 +27,15 @@ from ..config import EngineConfig, LSAConfig
 from ..memory.block_pool import BlockPool
 from ..memory.mover import PageMover
 from ..memory.pools import DevicePool, HostMirror, KVShape, LayerLayout
+from ..memory.spill import SpillError, SpilledMirror, check_spill_folder, min_host_pages
 from ..models.loader import Backbone, check_architecture
 from ..policies import DEFAULT_POLICY, BudgetError, SelectionPolicy, make_policy
-from .attention_mass import chunk_mass, token_attention
+from ..policies.base import Eviction
+from ..policies.kvzip import REPEAT_PROMPT
+from .attention_mass import causal_attention, chunk_mass, token_attention
 from .cache import ContextLengthError, TieredCache
 from .capture import ActivationRecorder, Activations
+from .conversation import Conversation, follow_up_ids
 from .cycles import CycleScheduler
 from .report import GenerationReport, GenerationResult
 from .sampling import GenerationOptionsError, SamplingParams, sample
@@ -54,7 +59,7 @@ class Prefill:
     host: HostMirror
     prompt_ids: list[int]
     logits: torch.Tensor          # next-token logits after the prompt
-    activations: Activations      # attention inputs of the prompt's last token
+    activations: Activations      # attention inputs of the prompt's last `observation_window` tokens
     seconds: float
     max_new_tokens: int
     dense_device_peak: int
@@ -71,6 +76,7 @@ class MemoryUsage:
     device_reserved_bytes: int    # pool pages reserved by admitted sequences, plus their window slots
     device_free_bytes: int        # capacity - used
     host_bytes: int               # storage of the running sequences' host mirrors
+    disk_bytes: int               # their spill files on disk (the disk tier, EngineConfig.host_memory)
     running: int
     waiting: int
 
@@ -127,9 +133,14 @@ class LSAEngine:
         self.pool = DevicePool(self.shape, n_slots, self.config.page_size, self.device)
         self.blocks = BlockPool(n_slots)
         self.cache = TieredCache(self.pool, self.layout, self.window_pool)
+        self.spill_dir = None
+        if self.engine_config.host_memory is not None:
+            self.spill_dir = check_spill_folder(self.engine_config.spill_dir or tempfile.gettempdir())
+            self._check_host_memory(self.config)
         self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), self._lookahead,
-                                        self.layout.tiered)
-        self.recorder = ActivationRecorder(model)
+                                        self.layout.tiered, self._reconstruction,
+                                        prefetch_multiple=self.engine_config.prefetch_multiple)
+        self.recorder = ActivationRecorder(model, keep_last=self.config.observation_window)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_id = 0
@@ -220,6 +231,8 @@ class LSAEngine:
         if cfg.page_size != self.pool.page_size:
             raise ValueError(f"page_size {cfg.page_size} differs from the engine's device pool "
                              f"({self.pool.page_size}); make another engine for another page size")
+        if self.engine_config.host_memory is not None:
+            self._check_host_memory(cfg)
         return cfg
 
     def _new_id(self) -> int:
@@ -290,14 +303,29 @@ class LSAEngine:
             seq.admitted = True
             self.running.append(seq)
             if seq.host is None:
-                seq.host = HostMirror(self.shape, seq.max_length, pin=self.device.type == "cuda")
+                seq.host = self._new_mirror(seq.max_length)
                 seq.status = Status.PREFILL
             else:  # decoding from a shared prefill: its first token comes from the prefill's logits
                 seq.status = Status.DECODE
                 if seq.window_init is not None:
                     self._load_window(seq, seq.window_init)
                 self._emit(seq, sample(seq.first_logits, seq.sampling, seq.sampler))
+            seq.host.attach(seq.transfers, lambda seq=seq: seq.step)
             seq.memory.host_reserved_bytes = seq.host.allocated_bytes
+
+    def _new_mirror(self, capacity: int) -> HostMirror | SpilledMirror:
+        """A host mirror for `capacity` tokens: in host memory, or, beyond `host_memory`, capped with a spill file."""
+        cap, pin = self.engine_config.host_memory, self.device.type == "cuda"
+        if cap is None or capacity * self.shape.bytes_per_token <= cap:
+            return HostMirror(self.shape, capacity, pin=pin)
+        return SpilledMirror(self.shape, capacity, self.config.page_size, cap, self.spill_dir, pin=pin)
+
+    def _check_host_memory(self, cfg: LSAConfig) -> None:
+        need = min_host_pages(cfg.page_size, cfg.prefill_chunk, cfg.open_pages) * cfg.page_size * self.shape.bytes_per_token
+        if self.engine_config.host_memory < need:
+            raise SpillError(f"host_memory of {self.engine_config.host_memory} bytes is below the working set of a "
+                             f"sequence ({need} bytes: one prefill piece of {cfg.prefill_chunk} tokens and one "
+                             f"cycle's open pages); raise it or lower prefill_chunk")
 
     def _take_window(self, seq: Sequence) -> None:
         """Give `seq` a window slot (hybrid models; max_batch slots exist under a device budget)."""
@@ -326,12 +354,14 @@ class LSAEngine:
         self.window_pool.k[:, :, span].copy_(window[0])
         self.window_pool.v[:, :, span].copy_(window[1])
 
-    def _dense(self, seq: Sequence, ids: list[int], start: int) -> torch.Tensor:
-        """A dense forward of one sequence's tokens at `start`; next-token logits of the last one."""
-        plan = self.cache.plan_dense(seq, start, len(ids))
+    def _dense(self, seq: Sequence, ids: list[int], start: int, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """A dense forward of one sequence's tokens at `start` (over its history positions `kept` only, if
+        given); next-token logits of the last one."""
+        plan = self.cache.plan_dense(seq, start, len(ids), kept)
         try:
             out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=plan.position_ids,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                             attention_mask=plan.attention_mask, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1)
         finally:
             self.cache.plan = None
         return out.logits[0, -1]
@@ -343,9 +373,9 @@ class LSAEngine:
         logits = self._dense(seq, seq.prompt_ids[lo:hi], lo)
         seq.prefilled = seq.length = seq.host.length = hi
         seq.memory.sample(0, 0, seq.host.nbytes, seq.full_kv_bytes)
+        seq.activations = self._observe(seq.activations, self.recorder.row(0))
         token = None
         if hi == len(seq.prompt_ids):
-            seq.activations = self.recorder.row(0)
             seq.status = Status.DECODE
             token = sample(logits.float(), seq.sampling, seq.sampler)
         seq.prefill_seconds += time.perf_counter() - t0
@@ -412,13 +442,22 @@ class LSAEngine:
         if seq in self.running:
             self.running.remove(seq)
         if seq.admitted:
+            if seq.keep_history and reason in ("stop", "length"):  # a conversation goes on from this history
+                self.scheduler.offload(seq)
+                seq.window_after = self._window_of(seq) if seq.window_slot is not None else None
             self.scheduler.release(seq)
             self.blocks.unreserve(seq.reserved_pages)
             self._drop_window(seq)
             seq.admitted = False
+        owned = seq.release_prefill is None
         if seq.release_prefill is not None:
             seq.release_prefill()
             seq.release_prefill = None
+        if seq.host is not None:
+            seq.host.join()
+            seq.memory.disk_bytes_peak = max(seq.memory.disk_bytes_peak, seq.host.disk_bytes)
+            if owned:  # its own mirror (not a shared prefill's): the spill file goes now
+                seq.host.close()
         seq.host = None  # a shared prefill keeps its own reference
         seq.activations = None
         if reason in ("cancelled", "error") and seq.on_token is not None:
@@ -440,6 +479,7 @@ class LSAEngine:
         return MemoryUsage(capacity, used, self.blocks.reserved * page + self.window_slots.reserved * window,
                            capacity - used,
                            sum(s.host.allocated_bytes for s in self.running if s.host is not None),
+                           sum(s.host.disk_bytes for s in self.running if s.host is not None),
                            len(self.running), len(self.waiting))
 
     # ------------------------------------------------------------------ one call
@@ -477,12 +517,21 @@ class LSAEngine:
         self._check_length(len(ids), max_new_tokens)
         room = self._room(len(ids), max_new_tokens, lookahead=True)
         seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new_tokens), room)
-        seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
+        seq.host = self._new_mirror(room)
+        seq.host.attach(seq.transfers, lambda: 0)
         return self._prefill_from(seq, 0, None)
 
-    def _prefill_from(self, seq: Sequence, start: int, window: tuple[torch.Tensor, torch.Tensor] | None) -> Prefill:
-        """Prefill `seq.prompt_ids[start:]` densely in pieces over a host mirror that holds the first `start`
-        tokens (and, on a hybrid model, the sliding layers' rings `window` at `start`)."""
+    def _observe(self, before: Activations | None, now: Activations) -> Activations:
+        """The last `observation_window` tokens' attention inputs: `now`'s, after `before`'s when `now` has fewer."""
+        keep = self.config.observation_window
+        return now.last(keep) if before is None else before.then(now, keep)
+
+    def _prefill_from(self, seq: Sequence, start: int, window: tuple[torch.Tensor, torch.Tensor] | None,
+                      kept: torch.Tensor | None = None, observed: Activations | None = None) -> Prefill:
+        """Prefill `seq.prompt_ids[start:]` in pieces over a host mirror that holds the first `start` tokens
+        (and, on a hybrid model, the sliding layers' rings `window` at `start`): densely, or over the history
+        positions `kept` only (an eviction policy's follow-up). `observed`: the attention inputs of the tokens
+        before `start`, continued for the new prefill's observation window."""
         self._take_window(seq)
         try:
             t0 = time.perf_counter()
@@ -491,13 +540,16 @@ class LSAEngine:
             ids = seq.prompt_ids
             for lo in range(start, len(ids), self.config.prefill_chunk):
                 piece = ids[lo: lo + self.config.prefill_chunk]
-                logits = self._dense(seq, piece, lo)
+                logits = self._dense(seq, piece, lo, kept)
                 seq.host.length = lo + len(piece)
+                observed = self._observe(observed, self.recorder.row(0))
+                if kept is not None:  # later pieces see this one
+                    kept = torch.cat([kept, torch.arange(lo, lo + len(piece))])
             seconds = time.perf_counter() - t0
             window = self._window_of(seq) if self.window_pool is not None else None
         finally:
             self._drop_window(seq)
-        return Prefill(seq.host, ids, logits.float(), self.recorder.row(0), seconds, seq.sampling.max_new_tokens,
+        return Prefill(seq.host, ids, logits.float(), observed, seconds, seq.sampling.max_new_tokens,
                        seq.memory.dense_device_peak, window)
 
     def decode(self, prefill: Prefill, policy: str | SelectionPolicy = DEFAULT_POLICY,
@@ -518,8 +570,12 @@ class LSAEngine:
 
     def submit_prefilled(self, prefill: Prefill, policy: str | SelectionPolicy = DEFAULT_POLICY, *,
                          config: LSAConfig | None = None, on_token: Callable[[TokenEvent], None] | None = None,
-                         **options) -> Sequence:
-        """Queue a decode that continues a `prefill` (one running decode per prefill at a time)."""
+                         eviction: Eviction | None = None, **options) -> Sequence:
+        """Queue a decode that continues a `prefill` (one running decode per prefill at a time).
+
+        `eviction`: for an eviction policy, a decision made earlier in the conversation the prefill continues
+        (the decode keeps to it instead of deciding again).
+        """
         options.setdefault("max_new_tokens", prefill.max_new_tokens)
         if options["max_new_tokens"] is None:
             options["max_new_tokens"] = prefill.max_new_tokens
@@ -534,7 +590,8 @@ class LSAEngine:
         cfg = self._config(config)
         n = len(prefill.prompt_ids)
         self._check_length(n, sampling.max_new_tokens)
-        seq = Sequence(self._new_id(), prefill.prompt_ids, policy, cfg, sampling, prefill.host.capacity, on_token)
+        seq = Sequence(self._new_id(), prefill.prompt_ids, policy, cfg, sampling, prefill.host.capacity, on_token,
+                       eviction if policy.evicts else None)
         seq.host, seq.length, seq.prefilled = prefill.host, n, n
         prefill.host.length = n  # forget what an earlier decode appended
         seq.activations = prefill.activations
@@ -566,13 +623,53 @@ class LSAEngine:
             token = int(self._dense(seq, [token], base + i).argmax())
             per_layer = []
             for row, q in enumerate(self.recorder.row(0).queries(list(self.layout.tiered))):
-                k = seq.host.k[row, :, : base + i + 1].to(q.device)
+                k = seq.host.keys[row, :, : base + i + 1].to(q.device)
                 per_layer.append(chunk_mass(token_attention(q, k), cfg.chunk_size)[0])
             masses.append(torch.stack(per_layer).cpu())
         if saved_window is not None:  # decoding ahead wrote into the rings: put them back
             self._load_window(seq, saved_window)
         n = base // cfg.chunk_size
         return torch.stack([m[:, :n] for m in masses])
+
+    # ------------------------------------------------------------------ kvzip support
+    @torch.no_grad()
+    def _reconstruction(self, seq: Sequence) -> torch.Tensor:
+        """Ask the model to repeat `seq`'s history (`kvzip.REPEAT_PROMPT`, then the history's tokens,
+        teacher-forced over a copy of its KV) and return, per tiered layer, KV head and history token,
+        the most attention any reconstruction query gives it: [layers, kv_heads, length]. Its time is
+        added to `seq.scoring_seconds`; `seq` itself is untouched."""
+        t0 = time.perf_counter()
+        n = seq.length
+        history = seq.prompt_ids[:n]
+        repeat = (self.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"] if self.tokenizer is not None
+                  else []) + history
+        probe = Sequence(0, history + repeat, make_policy("full"), seq.config, SamplingParams(max_new_tokens=1),
+                         n + len(repeat))
+        probe.host = HostMirror(self.shape, n + len(repeat), pin=self.device.type == "cuda")
+        self._copy_history(seq.host, probe.host, n)
+        window = self._window_of(seq) if seq.window_slot is not None else None
+        best = torch.zeros(len(self.layout.tiered), self.shape.kv_heads, n)
+        recorder = ActivationRecorder(self.model, keep_all=True)
+        self._take_window(probe)
+        try:
+            if window is not None:
+                self._load_window(probe, window)
+            step = seq.config.prefill_chunk
+            for lo in range(n, len(probe.prompt_ids), step):
+                piece = probe.prompt_ids[lo: lo + step]
+                self._dense(probe, piece, lo)
+                probe.host.length = lo + len(piece)
+                queries = Activations(recorder.modules, recorder.inputs, recorder.cos, recorder.sin)
+                for row, q in enumerate(queries.queries(list(self.layout.tiered))):
+                    k = probe.host.k[row, :, : lo + len(piece)].to(q.device)
+                    for b in range(0, len(piece), 256):  # bounded memory: 256 queries at a time
+                        probs = causal_attention(q[b: b + 256], k, lo + b)[..., :n]
+                        best[row] = torch.maximum(best[row], probs.amax(dim=(1, 2)).cpu())
+        finally:
+            recorder.close()
+            self._drop_window(probe)
+        seq.scoring_seconds += time.perf_counter() - t0
+        return best
 
     # ------------------------------------------------------------------ follow-up prompts and saved contexts
     @torch.no_grad()
@@ -582,32 +679,88 @@ class LSAEngine:
         The history is copied into a new host mirror with room for `max_new_tokens` (default: the
         prefill's), so `prefill` stays usable for other follow-ups (one saved context, many questions).
         """
-        more = self._prompt_ids(ids, chat=False)
+        max_new = prefill.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self._extend(prefill.host, prefill.prompt_ids, self._prompt_ids(ids, chat=False), max_new,
+                            prefill.window, prefill.dense_device_peak, prefill.activations)
+
+    def _copy_history(self, source: HostMirror, target: HostMirror, n: int) -> None:
+        """Copy the first n tokens of one mirror into another (a page at a time: a spilled mirror reads so)."""
+        P = self.config.page_size
+        for start in range(0, n, P):
+            k, v = source.span(start, min(P, n - start))
+            target.k[:, :, start:start + k.shape[2]].copy_(k)
+            target.v[:, :, start:start + k.shape[2]].copy_(v)
+        target.length = n
+
+    def _extend(self, host: HostMirror, before: list[int], more: list[int], max_new: int,
+                window: tuple[torch.Tensor, torch.Tensor] | None, dense_peak: int, observed: Activations | None,
+                eviction: Eviction | None = None) -> Prefill:
+        """Prefill `more` after the history `before` (whose KV `host` holds) into a copy of that history:
+        densely, or, under an eviction that dropped pages, over what it kept only."""
         if not more:
             raise PromptError("nothing to append")
-        max_new = prefill.max_new_tokens if max_new_tokens is None else max_new_tokens
-        n, ids = len(prefill.prompt_ids), prefill.prompt_ids + more
+        n, ids = len(before), before + more
         self._check_length(len(ids), max_new)
         room = self._room(len(ids), max_new, lookahead=True)
         seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new), room)
         seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
-        seq.host.k[:, :, :n].copy_(prefill.host.k[:, :, :n])
-        seq.host.v[:, :, :n].copy_(prefill.host.v[:, :, :n])
-        seq.host.length = n
-        seq.memory.dense_device_peak = prefill.dense_device_peak
-        return self._prefill_from(seq, n, prefill.window)
+        self._copy_history(host, seq.host, n)
+        seq.memory.dense_device_peak = dense_peak
+        kept = eviction.positions(n, self.config.page_size) if eviction is not None and eviction.evicted else None
+        return self._prefill_from(seq, n, window, kept, observed)
 
-    def ask(self, prefill: Prefill, question: str, policy: str | SelectionPolicy = DEFAULT_POLICY, *,
-            chat: bool = False, on_token: Callable[[TokenEvent], None] | None = None, **options) -> GenerationResult:
-        """Answer a question appended to a document context (`saved.context_ids`, or a loaded `.fmkv` file).
+    def ask(self, context: Prefill | GenerationResult, question: str | Seq[int],
+            policy: str | SelectionPolicy | None = None,
+            *, chat: bool = False, on_token: Callable[[TokenEvent], None] | None = None,
+            **options) -> GenerationResult:
+        """Answer a question about a document context, or a follow-up question in a conversation.
 
-        The question part is "\\n\\n" + question (with `chat`, it also ends the user turn and opens the
-        assistant's: `saved.question_ids`); `prefill` is left as it was. options: `SamplingParams` fields.
+        `context` is a `Prefill` of a document (`saved.context_ids`, or a loaded `.fmkv` file; it is left as
+        it was), or the result of an earlier `ask`: then the question is appended after that answer, as in a
+        chat, and the whole history (document, earlier questions and answers) is kept. The first question part
+        is "\n\n" + question (with `chat`, it also ends the user turn and opens the assistant's:
+        `saved.question_ids`); a follow-up closes the answer and adds a user turn (`conversation.follow_up_ids`).
+        A question given as token ids is appended as it is (after the last answer token, for a follow-up).
+
+        `policy` (default: the conversation's, else `DEFAULT_POLICY`) chooses the resident set. Policies that do
+        not evict prefill each question densely over the whole history. An eviction policy (snapkv, kvzip)
+        decides once, at the first question's first cycle; every later question is prefilled over the pages it
+        kept plus what came after them, and the decode keeps to that decision. The result carries the
+        `Conversation` to continue (it holds the history's host memory while the result is referenced).
+        options: `SamplingParams` fields.
         """
         from .saved import question_ids
 
-        extended = self.extend(prefill, question_ids(self, prefill, question, chat), options.get("max_new_tokens"))
-        return self._run_one(self.submit_prefilled(extended, policy, on_token=on_token, **options))
+        conversation = context.conversation if isinstance(context, GenerationResult) else None
+        if isinstance(context, GenerationResult) and conversation is None:
+            raise PromptError("this result does not continue a conversation: ask a question on a Prefill first")
+        if conversation is None:
+            policy = self._policy(DEFAULT_POLICY if policy is None else policy)
+            ids = question_ids(self, context, question, chat) if isinstance(question, str) \
+                else self._prompt_ids(question, chat=False)
+            extended = self._extend(context.host, context.prompt_ids, ids,
+                                    options.get("max_new_tokens") or context.max_new_tokens, context.window,
+                                    context.dense_device_peak, context.activations)
+        else:
+            if chat != conversation.chat:
+                raise PromptError(f"this conversation was started with chat={conversation.chat}; ask with the same")
+            if policy is not None and make_policy(policy).name != conversation.policy.name:
+                raise ValueError(f"this conversation runs {conversation.policy.name!r}; it cannot go on with "
+                                 f"{make_policy(policy).name!r}")
+            policy = conversation.policy
+            extended = self._extend(conversation.host, conversation.ids, follow_up_ids(self, conversation, question),
+                                    options.get("max_new_tokens") or conversation.max_new_tokens,
+                                    conversation.window, conversation.dense_device_peak, None, conversation.eviction)
+        seq = self.submit_prefilled(extended, policy, on_token=on_token,
+                                    eviction=conversation.eviction if conversation is not None else None, **options)
+        seq.keep_history = True
+        result = self._run_one(seq)
+        last = seq.output_ids[-1] if seq.output_ids else None
+        result.conversation = Conversation(
+            extended.host, seq.prompt_ids + seq.output_ids[:-1], None if last in self._eos else last,
+            seq.window_after, policy, chat, seq.eviction, seq.sampling.max_new_tokens, seq.memory.dense_device_peak,
+            (conversation.turns if conversation is not None else 0) + 1)
+        return result
 
     def save(self, prefill: Prefill, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a prefill to a `.fmkv` file atomically (`saved.save_context`); `force` replaces an existing file."""

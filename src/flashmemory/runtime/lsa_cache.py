@@ -55,7 +55,7 @@ class LSACache(TieredCache):
         self.blocks = BlockPool(n_slots)
         self.blocks.reserve(n_slots)
         self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), layers=layout.tiered)
-        self.recorder = ActivationRecorder(model)
+        self.recorder = ActivationRecorder(model, keep_last=config.observation_window)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True)]
 

@@ -18,7 +18,7 @@ from ..memory.accounting import MemoryMeter, TransferLog
 from ..memory.page_table import PageTable
 from ..memory.pools import HostMirror
 from ..policies import SelectionPolicy
-from ..policies.base import ChunkIndex, reserve_pages
+from ..policies.base import ChunkIndex, Eviction, reserve_evicting, reserve_pages
 from .capture import Activations
 from .sampling import SamplingParams
 
@@ -39,6 +39,8 @@ class CycleRecord:
     pages: int                # resident pages chosen
     allowed: int              # pages the budget allowed
     resident_fraction: float = 0.0  # max over the cycle's steps of device tokens / history tokens
+    page_ids: tuple[int, ...] = ()  # the resident pages
+    predicted: tuple[int, ...] = ()  # pages the disk tier was asked to prefetch for the next cycle
 
 
 @dataclass
@@ -56,7 +58,8 @@ class Sequence:
     """A request's state from submission to its last token."""
 
     def __init__(self, seq_id: int, prompt_ids: list[int], policy: SelectionPolicy, config: LSAConfig,
-                 sampling: SamplingParams, max_length: int, on_token: Callable[[TokenEvent], None] | None = None):
+                 sampling: SamplingParams, max_length: int, on_token: Callable[[TokenEvent], None] | None = None,
+                 eviction: Eviction | None = None):
         self.id = seq_id
         self.prompt_ids = list(prompt_ids)
         self.policy = policy
@@ -64,7 +67,11 @@ class Sequence:
         self.sampling = sampling
         self.max_length = max_length
         self.on_token = on_token
-        self.reserved_pages = reserve_pages(config, policy.mode, max_length)
+        self.eviction = eviction     # an eviction policy's decision (made at the first cycle, or carried over)
+        if policy.evicts:
+            self.reserved_pages = reserve_evicting(config, policy.mode, len(prompt_ids), max_length, eviction)
+        else:
+            self.reserved_pages = reserve_pages(config, policy.mode, max_length)
         self.status = Status.WAITING
         self.admitted = False        # holds a reservation in the device pool
         self.finish_reason: str | None = None
@@ -98,7 +105,11 @@ class Sequence:
         self.memory = MemoryMeter()
         self.prefill_seconds = 0.0
         self.decode_ms: list[float] = []
+        self.scoring_seconds = 0.0   # extra forward passes a policy asked for (kvzip's reconstruction)
         self.release_prefill: Callable[[], None] | None = None
+        # a conversation turn keeps its history at the end (its last tokens offloaded, its sliding rings copied)
+        self.keep_history = False
+        self.window_after: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def attended(self) -> int:
