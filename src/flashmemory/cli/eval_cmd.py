@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import LSAConfig
+from ..config import EngineConfig, LSAConfig
 from .errors import HelpFormatter, USER_ERRORS, fail
-from .options import add_model_option, add_options, build
+from .options import DISK_TIER_OPTIONS, add_model_option, add_options, build
 
 LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens"]
 
@@ -50,6 +50,7 @@ def register(sub) -> None:
                    help="wrap prompts in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's answer length")
     add_options(p, LSAConfig, LSA_OPTIONS)
+    add_options(p, EngineConfig, DISK_TIER_OPTIONS)
     p.add_argument("--indexer", type=Path, default=None,
                    help="indexer checkpoint for --policies lsa (default: shipped)")
     p.add_argument("--longbench-v2", type=Path, default=None, help="LongBench-v2 data.json (or its folder)")
@@ -103,6 +104,7 @@ def run(args) -> int:
     try:
         budgets = _floats(args.sweep, "--sweep") if args.sweep else [args.budget]
         config = build(LSAConfig, args, LSA_OPTIONS, budget=budgets[0])
+        engine_config = build(EngineConfig, args, DISK_TIER_OPTIONS)
         policies, explicit = _policies(args.policies)
         policy_kwargs = {"lsa": {"checkpoint": args.indexer}} if args.indexer else {}
 
@@ -118,7 +120,7 @@ def run(args) -> int:
         if not explicit:
             policies = _drop_unusable_lsa(policies, backbone.model, policy_kwargs.get("lsa", {}))
         settings = settings_for(policies)
-        engine = LSAEngine(backbone, config)
+        engine = LSAEngine(backbone, config, engine_config=engine_config)
         results = args.out / "results.jsonl"
         if args.fresh and results.exists():
             results.unlink()  # start over: the cache would otherwise answer every sample

@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import LSAConfig
+from ..config import EngineConfig, LSAConfig
 from ..runtime.sampling import SamplingParams
 from .errors import HelpFormatter, USER_ERRORS, fail
-from .options import add_model_option, add_options, add_policy_option, build
+from .options import DISK_TIER_OPTIONS, add_model_option, add_options, add_policy_option, build
 
 LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens"]
 SAMPLING_OPTIONS = ["max_new_tokens", "temperature", "top_p", "top_k", "seed"]
@@ -34,6 +34,7 @@ def register(sub) -> None:
                         "after a blank line, and the saved document is not prefilled again (--chat as when it was saved)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, report) instead of text")
     add_options(p, LSAConfig, LSA_OPTIONS)
+    add_options(p, EngineConfig, DISK_TIER_OPTIONS)
     p.add_argument("--indexer", type=Path, default=None, help="indexer checkpoint folder for --policy lsa (default: shipped)")
     p.add_argument("--device", default="cpu", help="compute device, e.g. cpu or cuda")
     p.set_defaults(func=run)
@@ -99,6 +100,7 @@ def run(args) -> int:
         config = build(LSAConfig, args, LSA_OPTIONS + ["budget", "max_pages"],
                        budget=None if args.max_pages is not None else args.budget)
         options = {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+        engine_config = build(EngineConfig, args, DISK_TIER_OPTIONS)
         SamplingParams(**options, stop=tuple(args.stop or ()))  # bad options fail before the model loads
         prompt = _read_prompt(args.prompt_file)
         policy_kwargs = {"checkpoint": args.indexer} if args.policy == "lsa" and args.indexer else {}
@@ -106,7 +108,7 @@ def run(args) -> int:
         backbone = load_backbone(args.model, device=args.device)
         if check_architecture(backbone.config, single_sequence_ok=True) == "deepseek_v4":
             return _run_deepseek(args, backbone, prompt)
-        with LSAEngine(backbone, config) as engine:
+        with LSAEngine(backbone, config, engine_config=engine_config) as engine:
             if args.context is not None:
                 result = engine.ask(engine.load(args.context), prompt, policy, chat=args.chat,
                                     stop=tuple(args.stop or ()), **options)

@@ -14,6 +14,10 @@ import dataclasses
 import typing
 
 
+#: `EngineConfig` fields of the disk tier, offered by every command that runs the engine
+DISK_TIER_OPTIONS = ["host_memory", "spill_dir", "prefetch_multiple"]
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

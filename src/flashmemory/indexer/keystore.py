@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+_BLOCK_CHUNKS = 128  # chunks whose host keys one step of `extend_from_host` reads
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
 
@@ -94,9 +96,10 @@ class ChunkKeyStore:
         done, total = self.n_chunks, length // self.chunk_size
         if total <= done:
             return
-        c = self.chunk_size
-        keys = host_keys[self.layers if rows is None else rows, :, done * c: total * c]  # only the new complete chunks
-        self.append(compress_keys(keys, self.key_block))
+        c, rows = self.chunk_size, self.layers if rows is None else rows
+        for lo in range(done, total, _BLOCK_CHUNKS):  # only the new complete chunks, a block at a time
+            hi = min(total, lo + _BLOCK_CHUNKS)
+            self.append(compress_keys(host_keys[rows, :, lo * c: hi * c], self.key_block))
 
     def keys(self, n: int | None = None) -> torch.Tensor:
         """[layers, n * per_chunk, key_dim] float32 keys of the first n (default all) chunks."""

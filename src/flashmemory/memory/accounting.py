@@ -14,6 +14,18 @@ class TransferLog:
     offloads: int = 0         # device -> host copies of newly decoded tokens
     offload_bytes: int = 0
     steps: list[int] = field(default_factory=list)  # decode step index of each transfer
+    # the disk tier (memory/spill.py): reads into host slots, writes of pages leaving the host
+    disk_reads: int = 0
+    disk_read_bytes: int = 0
+    disk_writes: int = 0
+    disk_write_bytes: int = 0
+    prefetch_hits: int = 0    # recalls served by a page the background prefetch had read
+    prefetch_misses: int = 0  # recalls that read their page from disk at the boundary
+    # (step, kind, page) of every disk event; kind: "prefetch" (background read, logged with the step of the
+    # boundary that asked for it), "miss" (a recall's
+    # synchronous read), "read" (another synchronous read: an index build, a write's page, a dense
+    # forward), "hit" (a recall served by a prefetched page), "write"
+    disk_events: list[tuple[int, str, int]] = field(default_factory=list)
 
     def recall(self, nbytes: int, step: int) -> None:
         self.recalls += 1
@@ -25,10 +37,28 @@ class TransferLog:
         self.offload_bytes += nbytes
         self.steps.append(step)
 
+    def disk_read(self, nbytes: int, step: int, kind: str, page: int) -> None:
+        self.disk_reads += 1
+        self.disk_read_bytes += nbytes
+        self.prefetch_misses += kind == "miss"
+        self.disk_events.append((step, kind, page))
+
+    def disk_write(self, nbytes: int, step: int, page: int) -> None:
+        self.disk_writes += 1
+        self.disk_write_bytes += nbytes
+        self.disk_events.append((step, "write", page))
+
+    def prefetch_hit(self, step: int, page: int) -> None:
+        self.prefetch_hits += 1
+        self.disk_events.append((step, "hit", page))
+
     def to_dict(self) -> dict:
         return {"recalls": self.recalls, "recall_bytes": self.recall_bytes,
                 "offloads": self.offloads, "offload_bytes": self.offload_bytes,
-                "count": self.recalls + self.offloads, "bytes": self.recall_bytes + self.offload_bytes}
+                "count": self.recalls + self.offloads, "bytes": self.recall_bytes + self.offload_bytes,
+                "disk_reads": self.disk_reads, "disk_read_bytes": self.disk_read_bytes,
+                "disk_writes": self.disk_writes, "disk_write_bytes": self.disk_write_bytes,
+                "prefetch_hits": self.prefetch_hits, "prefetch_misses": self.prefetch_misses}
 
 
 @dataclass
@@ -43,6 +73,7 @@ class MemoryMeter:
     full_kv_bytes_peak: int = 0        # what a full cache of the same history would hold
     dense_device_peak: int = 0         # largest transient device KV of one dense layer (prefill)
     window_bytes: int = 0              # the sliding layers' window slot on the device (hybrid models)
+    disk_bytes_peak: int = 0           # its spill file on disk (the disk tier), sampled at cycle starts and the end
 
     def sample(self, device_kv: int, device_pages: int, host_kv: int, full_kv: int) -> None:
         self.device_kv_bytes_peak = max(self.device_kv_bytes_peak, device_kv)

@@ -38,8 +38,15 @@ class PageMover:
 
     def recall(self, host: HostMirror, host_start: int, slot: int, offset: int, n: int,
                log: TransferLog, step: int) -> None:
-        log.recall(self.pool.load(slot, offset, host, host_start, n, self._stream is not None), step)
+        k, v = host.span(host_start, n, recall=True)
+        log.recall(self.pool.load(slot, offset, k, v, self._async(host)), step)
 
     def offload(self, host: HostMirror, host_start: int, slot: int, offset: int, n: int,
                 log: TransferLog, step: int) -> None:
-        log.offload(self.pool.store(slot, offset, host, host_start, n, self._stream is not None), step)
+        k, v = host.span(host_start, n, write=True)
+        log.offload(self.pool.store(slot, offset, k, v, self._async(host)), step)
+
+    def _async(self, host: HostMirror) -> bool:
+        """Copies run asynchronously on the side stream, except with a spilled mirror's host slot, which
+        the next page of the same boundary may reuse."""
+        return self._stream is not None and not host.spills

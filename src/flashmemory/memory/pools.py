@@ -80,7 +80,14 @@ def _storage_bytes(*tensors: torch.Tensor) -> int:
 
 
 class HostMirror:
-    """Every token of one sequence's history, in host memory (pinned when the compute device is CUDA)."""
+    """Every token of one sequence's history, in host memory (pinned when the compute device is CUDA).
+
+    `spill.SpilledMirror` has the same interface for a history beyond `EngineConfig.host_memory`;
+    the disk-tier methods here (`attach`, `prefetch`, `join`, `close`) have nothing to do.
+    """
+
+    spills = False
+    disk_bytes = 0
 
     def __init__(self, shape: KVShape, capacity_tokens: int, pin: bool = False):
         size = (shape.layers, shape.kv_heads, capacity_tokens, shape.head_dim)
@@ -107,6 +114,27 @@ class HostMirror:
     def layer_view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, kv_heads, length, head_dim] views of one layer's first `length` tokens."""
         return self.k[layer, :, :length].unsqueeze(0), self.v[layer, :, :length].unsqueeze(0)
+
+    def span(self, start: int, n: int, write: bool = False, recall: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[layers, kv_heads, n, head_dim] views of tokens [start, start + n) (what a page copy reads or writes)."""
+        return self.k[:, :, start:start + n], self.v[:, :, start:start + n]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The history's keys [layers, kv_heads, capacity, head_dim] (what policies read)."""
+        return self.k
+
+    def attach(self, log, clock) -> None:
+        """Nothing to log: this mirror never touches the disk."""
+
+    def prefetch(self, pages: list[int]) -> None:
+        """Every page is in host memory already."""
+
+    def join(self) -> None:
+        """No background work to wait for."""
+
+    def close(self) -> None:
+        """The tensors are freed with the mirror."""
 
     @property
     def nbytes(self) -> int:
@@ -174,16 +202,18 @@ class DevicePool:
             torch.index_select(self.k[layer], 1, index[row], out=out_k[row])
             torch.index_select(self.v[layer], 1, index[row], out=out_v[row])
 
-    def load(self, slot: int, offset: int, host: HostMirror, host_start: int, n: int, non_blocking: bool) -> int:
-        """Copy host tokens [host_start, +n) of every layer into a slot at `offset`; return bytes moved."""
+    def load(self, slot: int, offset: int, k: torch.Tensor, v: torch.Tensor, non_blocking: bool) -> int:
+        """Copy host tokens k, v [layers, kv_heads, n, head_dim] into a slot at `offset`; return bytes moved."""
+        n = k.shape[2]
         dst = slice(slot * self.page_size + offset, slot * self.page_size + offset + n)
-        self.k[:, :, dst].copy_(host.k[:, :, host_start:host_start + n], non_blocking=non_blocking)
-        self.v[:, :, dst].copy_(host.v[:, :, host_start:host_start + n], non_blocking=non_blocking)
+        self.k[:, :, dst].copy_(k, non_blocking=non_blocking)
+        self.v[:, :, dst].copy_(v, non_blocking=non_blocking)
         return n * self.shape.bytes_per_token
 
-    def store(self, slot: int, offset: int, host: HostMirror, host_start: int, n: int, non_blocking: bool) -> int:
-        """Copy n tokens of a slot (from `offset`) to host positions [host_start, +n); return bytes moved."""
+    def store(self, slot: int, offset: int, k: torch.Tensor, v: torch.Tensor, non_blocking: bool) -> int:
+        """Copy n tokens of a slot (from `offset`) into host tensors k, v [layers, kv_heads, n, head_dim]."""
+        n = k.shape[2]
         src = slice(slot * self.page_size + offset, slot * self.page_size + offset + n)
-        host.k[:, :, host_start:host_start + n].copy_(self.k[:, :, src], non_blocking=non_blocking)
-        host.v[:, :, host_start:host_start + n].copy_(self.v[:, :, src], non_blocking=non_blocking)
+        k.copy_(self.k[:, :, src], non_blocking=non_blocking)
+        v.copy_(self.v[:, :, src], non_blocking=non_blocking)
         return n * self.shape.bytes_per_token

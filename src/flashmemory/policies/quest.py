@@ -6,6 +6,8 @@ import torch
 
 from .base import SelectionContext, SelectionPolicy
 
+_BLOCK_CHUNKS = 128  # chunks whose keys one step of an index update reads
+
 
 class QuestIndex:
     """Per-chunk key min/max of every layer for one sequence, extended as chunks complete."""
@@ -18,12 +20,15 @@ class QuestIndex:
         """Bounds of the first n chunks, computing only the chunks not seen before."""
         done = 0 if self.kmin is None else self.kmin.shape[2]
         if done < n:
-            keys = host_keys[:, :, done * chunk_size: n * chunk_size].float()
-            L, H, _, D = keys.shape
-            blocks = keys.reshape(L, H, n - done, chunk_size, D)
-            kmin, kmax = blocks.amin(3), blocks.amax(3)
-            self.kmin = kmin if self.kmin is None else torch.cat([self.kmin, kmin], 2)
-            self.kmax = kmax if self.kmax is None else torch.cat([self.kmax, kmax], 2)
+            mins, maxs = [] if self.kmin is None else [self.kmin], [] if self.kmax is None else [self.kmax]
+            for lo in range(done, n, _BLOCK_CHUNKS):  # in blocks: a long history's keys are never copied whole
+                hi = min(n, lo + _BLOCK_CHUNKS)
+                keys = host_keys[:, :, lo * chunk_size: hi * chunk_size].float()
+                L, H, _, D = keys.shape
+                blocks = keys.reshape(L, H, hi - lo, chunk_size, D)
+                mins.append(blocks.amin(3))
+                maxs.append(blocks.amax(3))
+            self.kmin, self.kmax = torch.cat(mins, 2), torch.cat(maxs, 2)
         return self.kmin[:, :, :n], self.kmax[:, :, :n]
 
     @property
