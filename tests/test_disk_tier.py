@@ -165,3 +165,16 @@ def test_bad_disk_tier_settings_give_clear_errors(setup, tmp_path):
     with LSAEngine(model, LSAConfig(prefill_chunk=CHUNK), engine_config=EngineConfig(host_memory=cap)) as engine:
         with pytest.raises(SpillError, match="below the working set"):
             engine.submit([1, 2, 3], "quest", config=LSAConfig(prefill_chunk=4096))
+
+
+def test_a_follow_up_on_a_spilled_context_equals_the_in_ram_one(setup):
+    model, prompt, cap = setup
+    config = LSAConfig(budget=0.3, prefill_chunk=CHUNK)
+    answers = []
+    for engine_config in (None, EngineConfig(host_memory=cap)):
+        with LSAEngine(model, config, engine_config=engine_config) as engine:
+            extended = engine.extend(engine.prefill(prompt, max_new_tokens=NEW), [5, 6, 7])
+            answers.append(engine.decode(extended, "quest", stop_at_eos=False).token_ids)
+            assert extended.host.spills == (engine_config is not None)
+            assert engine_config is None or extended.host.allocated_bytes <= cap
+    assert answers[0] == answers[1]

@@ -9,8 +9,10 @@ sequence's recalls only). At a boundary, `start_cycle`:
      the oracle's lookahead and kvzip's reconstruction, when the policy needs one, run here and
      only here; an eviction policy is asked once, and later cycles keep its `Eviction`;
   3. frees the slots of pages that leave, takes slots for pages that arrive and recalls them,
-     and lays out the open region (the unfinished page and room for tau new tokens).
-Nothing moves between the tiers inside a cycle.
+     and lays out the open region (the unfinished page and room for tau new tokens);
+  4. with the disk tier (a history beyond `EngineConfig.host_memory`), names the pages the policy
+     ranked next to the mirror, which reads them from disk in the background during the cycle.
+Nothing moves between the device and the host inside a cycle; only that disk -> host prefetch runs.
 """
 
 from __future__ import annotations

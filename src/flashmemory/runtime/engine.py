@@ -683,13 +683,21 @@ class LSAEngine:
         return self._extend(prefill.host, prefill.prompt_ids, self._prompt_ids(ids, chat=False), max_new,
                             prefill.window, prefill.dense_device_peak, prefill.activations)
 
+    def _prefix_ids(self, prefix: str) -> list[int]:
+        if not prefix:
+            return []
+        if self.tokenizer is None:
+            raise PromptError("this engine has no tokenizer for an answer prefix: pass LSAEngine(model, tokenizer=...)")
+        return self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
     def _copy_history(self, source: HostMirror, target: HostMirror, n: int) -> None:
         """Copy the first n tokens of one mirror into another (a page at a time: a spilled mirror reads so)."""
         P = self.config.page_size
         for start in range(0, n, P):
             k, v = source.span(start, min(P, n - start))
-            target.k[:, :, start:start + k.shape[2]].copy_(k)
-            target.v[:, :, start:start + k.shape[2]].copy_(v)
+            k_to, v_to = target.span(start, k.shape[2], write=True)
+            k_to.copy_(k)
+            v_to.copy_(v)
         target.length = n
 
     def _extend(self, host: HostMirror, before: list[int], more: list[int], max_new: int,
@@ -703,7 +711,8 @@ class LSAEngine:
         self._check_length(len(ids), max_new)
         room = self._room(len(ids), max_new, lookahead=True)
         seq = Sequence(0, ids, make_policy("full"), self.config, SamplingParams(max_new_tokens=max_new), room)
-        seq.host = HostMirror(self.shape, room, pin=self.device.type == "cuda")
+        seq.host = self._new_mirror(room)
+        seq.host.attach(seq.transfers, lambda: 0)
         self._copy_history(host, seq.host, n)
         seq.memory.dense_device_peak = dense_peak
         kept = eviction.positions(n, self.config.page_size) if eviction is not None and eviction.evicted else None
@@ -711,7 +720,7 @@ class LSAEngine:
 
     def ask(self, context: Prefill | GenerationResult, question: str | Seq[int],
             policy: str | SelectionPolicy | None = None,
-            *, chat: bool = False, on_token: Callable[[TokenEvent], None] | None = None,
+            *, chat: bool = False, answer_prefix: str = "", on_token: Callable[[TokenEvent], None] | None = None,
             **options) -> GenerationResult:
         """Answer a question about a document context, or a follow-up question in a conversation.
 
@@ -721,6 +730,8 @@ class LSAEngine:
         is "\n\n" + question (with `chat`, it also ends the user turn and opens the assistant's:
         `saved.question_ids`); a follow-up closes the answer and adds a user turn (`conversation.follow_up_ids`).
         A question given as token ids is appended as it is (after the last answer token, for a follow-up).
+        `answer_prefix`: text the answer starts with (RULER's answer prefix), appended after the question part;
+        the result's text and tokens are what follows it.
 
         `policy` (default: the conversation's, else `DEFAULT_POLICY`) chooses the resident set. Policies that do
         not evict prefill each question densely over the whole history. An eviction policy (snapkv, kvzip)
@@ -738,6 +749,7 @@ class LSAEngine:
             policy = self._policy(DEFAULT_POLICY if policy is None else policy)
             ids = question_ids(self, context, question, chat) if isinstance(question, str) \
                 else self._prompt_ids(question, chat=False)
+            ids += self._prefix_ids(answer_prefix)
             extended = self._extend(context.host, context.prompt_ids, ids,
                                     options.get("max_new_tokens") or context.max_new_tokens, context.window,
                                     context.dense_device_peak, context.activations)
@@ -748,7 +760,8 @@ class LSAEngine:
                 raise ValueError(f"this conversation runs {conversation.policy.name!r}; it cannot go on with "
                                  f"{make_policy(policy).name!r}")
             policy = conversation.policy
-            extended = self._extend(conversation.host, conversation.ids, follow_up_ids(self, conversation, question),
+            extended = self._extend(conversation.host, conversation.ids,
+                                    follow_up_ids(self, conversation, question) + self._prefix_ids(answer_prefix),
                                     options.get("max_new_tokens") or conversation.max_new_tokens,
                                     conversation.window, conversation.dense_device_peak, None, conversation.eviction)
         seq = self.submit_prefilled(extended, policy, on_token=on_token,
@@ -764,16 +777,25 @@ class LSAEngine:
 
     def save(self, prefill: Prefill, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a prefill to a `.fmkv` file atomically (`saved.save_context`); `force` replaces an existing file."""
-        from .saved import save_context
+        from .saved import SavedContextError, save_context
 
+        if prefill.host.spills:
+            raise SavedContextError("this prefill's history spilled to disk (host_memory): saving one is not "
+                                    "supported yet; prefill it with an engine without host_memory to save it")
         return save_context(prefill, path, self, force=force)
 
     def load(self, path: str | os.PathLike, max_new_tokens: int | None = None) -> Prefill:
         """Read a `.fmkv` file saved from this backbone and chunk/page sizes (`saved.load_context`), with room
-        for `max_new_tokens` new tokens (default: the room it was saved with)."""
+        for `max_new_tokens` new tokens (default: the room it was saved with). Under `host_memory`, a history
+        beyond it is read whole, then moved into a capped mirror with a spill file."""
         from .saved import load_context
 
-        return load_context(path, self, max_new_tokens)
+        prefill = load_context(path, self, max_new_tokens)
+        capped = self._new_mirror(prefill.host.capacity)
+        if capped.spills:  # beyond host_memory: the loaded history moves to a capped mirror, a page at a time
+            self._copy_history(prefill.host, capped, prefill.host.length)
+            prefill.host = capped
+        return prefill
 
 
 __all__ = ["LSAEngine", "GenerationResult", "GenerationReport", "Prefill", "PromptError", "AdmissionError",
