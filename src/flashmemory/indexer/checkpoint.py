@@ -35,6 +35,8 @@ LIGHTNING_VERSION = 1
 WEIGHTS = "indexer.safetensors"
 META = "indexer.json"
 DEFAULT_DIR = Path(__file__).parent / "default"
+#: The indexers shipped in the package, per embedded model (traces/recipe.py makes each one).
+SHIPPED_DIRS = {"smollm2-135m": DEFAULT_DIR, "gemma3-270m": Path(__file__).parent / "gemma3-270m"}
 
 
 class CheckpointError(ValueError):
@@ -70,41 +72,68 @@ def save_indexer(indexer: NeuralIndexer, folder: str | os.PathLike, dtype: torch
     return folder
 
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    """The checkpoint's JSON description, validated."""
-    folder = Path(folder)
+#: Per format: what a checkpoint of it is, how to make one, and how to load one.
+_KINDS = {
+    FORMAT: ("an indexer checkpoint", "make one with `flashmemory train`", "load_indexer",
+             "an indexer for ordinary attention backbones"),
+    LIGHTNING_FORMAT: ("a lightning indexer checkpoint", "make one with `flashmemory indexer convert`",
+                       "load_lightning_indexer", "a DeepSeek-V4 lightning indexer"),
+}
+
+
+def _read_description(path: str | os.PathLike, fmt: str, version: int) -> tuple[Path, dict]:
+    """The checkpoint folder of `path` (the folder or a file in it) and its JSON description, validated
+    as format `fmt` at `version`; a checkpoint of the other format gets a message saying what it is."""
+    folder = Path(path)
     if folder.is_file():
         folder = folder.parent
     if not folder.is_dir():
         raise CheckpointError(f"indexer checkpoint not found: {folder}")
+    kind, make, _, _ = _KINDS[fmt]
     meta_path = folder / META
     if not meta_path.is_file() or not (folder / WEIGHTS).is_file():
-        raise CheckpointError(f"{folder} is not an indexer checkpoint (needs {META} and {WEIGHTS}); "
-                              "make one with `flashmemory train`")
+        raise CheckpointError(f"{folder} is not {kind} (needs {META} and {WEIGHTS}); {make}")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"corrupt indexer checkpoint {meta_path}: not valid JSON ({exc})") from None
-    if isinstance(meta, dict) and meta.get("format") == LIGHTNING_FORMAT:
-        raise CheckpointError(f"{folder} is a DeepSeek-V4 lightning indexer ({LIGHTNING_FORMAT}); load it with "
-                              "load_lightning_indexer")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
-        raise CheckpointError(f"corrupt indexer checkpoint {meta_path}: not a {FORMAT} description")
-    if meta.get("version") != VERSION:
+    other = LIGHTNING_FORMAT if fmt == FORMAT else FORMAT
+    if isinstance(meta, dict) and meta.get("format") == other:
+        _, _, loader, what = _KINDS[other]
+        raise CheckpointError(f"{folder} is {what} ({other}); load it with {loader}")
+    if not isinstance(meta, dict) or meta.get("format") != fmt or "config" not in meta:
+        raise CheckpointError(f"corrupt indexer checkpoint {meta_path}: not a {fmt} description")
+    if meta.get("version") != version:
         raise CheckpointError(f"{meta_path} has format version {meta.get('version')}; this flashmemory reads "
-                              f"version {VERSION}")
-    return meta
+                              f"version {version}")
+    return folder, meta
+
+
+def _load_weights(indexer: nn.Module, folder: Path, meta: dict, remake: str) -> nn.Module:
+    """Fill `indexer` from `folder`'s weights after checking them against the description's sha256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = folder / WEIGHTS
+    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
+        raise CheckpointError(f"corrupt indexer checkpoint {weights}: its checksum does not match {META} "
+                              f"(truncated or modified file); {remake}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt indexer checkpoint {weights}: {exc}") from None
+    _load_state(indexer, state, str(weights))
+    return indexer.eval()
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """The checkpoint's JSON description, validated."""
+    return _read_description(folder, FORMAT, VERSION)[1]
 
 
 def load_indexer(folder: str | os.PathLike, fingerprint: str | None = None) -> NeuralIndexer:
     """Load a checkpoint folder; with `fingerprint`, refuse one trained for another backbone."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if folder.is_file():
-        folder = folder.parent
-    meta = read_meta(folder)
+    folder, meta = _read_description(folder, FORMAT, VERSION)
     try:
         cfg = IndexerConfig.from_dict(meta["config"])
     except (IndexerConfigError, TypeError) as exc:
@@ -113,17 +142,7 @@ def load_indexer(folder: str | os.PathLike, fingerprint: str | None = None) -> N
         raise CheckpointError(
             f"indexer checkpoint {folder} was trained for backbone {cfg.fingerprint}, but the loaded backbone is "
             f"{fingerprint}; train an indexer for it with `flashmemory dump` and `flashmemory train`")
-    weights = folder / WEIGHTS
-    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
-        raise CheckpointError(f"corrupt indexer checkpoint {weights}: its checksum does not match {META} "
-                              "(truncated or modified file); re-create or re-download it")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt indexer checkpoint {weights}: {exc}") from None
-    indexer = NeuralIndexer(cfg)
-    _load_state(indexer, state, str(weights))
-    return indexer.eval()
+    return _load_weights(NeuralIndexer(cfg), folder, meta, "re-create or re-download it")
 
 
 def _load_state(indexer: nn.Module, state: dict, where: str) -> None:
@@ -142,20 +161,27 @@ def _load_state(indexer: nn.Module, state: dict, where: str) -> None:
     indexer.load_state_dict({k: v.float() for k, v in state.items()})
 
 
+def shipped_dir(model: str) -> Path:
+    """The package folder of the indexer shipped for an embedded model (SmolLM2's is `default/`)."""
+    return SHIPPED_DIRS.get(model, Path(__file__).parent / model)
+
+
 def default_checkpoint(fingerprint: str) -> Path:
     """The indexer shipped in the package for this backbone, or a CheckpointError saying there is none."""
-    try:
-        meta = read_meta(DEFAULT_DIR)
-    except CheckpointError:
-        meta = None
-    if meta is None or meta["config"].get("fingerprint") != fingerprint:
-        shipped = f"the package ships one for {meta['config'].get('fingerprint')}" if meta else \
+    shipped = {}
+    for folder in SHIPPED_DIRS.values():
+        try:
+            shipped[read_meta(folder)["config"].get("fingerprint")] = folder
+        except CheckpointError:
+            continue
+    if fingerprint not in shipped:
+        have = f"the package ships them for {', '.join(map(str, shipped))}" if shipped else \
             "this installation has no shipped indexer"
         raise CheckpointError(
-            f"no shipped indexer for backbone {fingerprint} ({shipped}); train one with "
+            f"no shipped indexer for backbone {fingerprint} ({have}); train one with "
             "`flashmemory dump --model ...` and `flashmemory train`, then pass it with --indexer, or use another "
             "policy (e.g. quest)")
-    return DEFAULT_DIR
+    return shipped[fingerprint]
 
 
 #: Rows of a release checkpoint's RoPE table compared with the config's frequencies.
@@ -344,30 +370,7 @@ def load_lightning_indexer(folder: str | os.PathLike, fingerprint: str | None = 
     without a backbone config is unbound and loads). The checksum, config, tensor names,
     shapes and finiteness are checked; a damaged checkpoint raises a "corrupt" CheckpointError.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if folder.is_file():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise CheckpointError(f"indexer checkpoint not found: {folder}")
-    meta_path, weights = folder / META, folder / WEIGHTS
-    if not meta_path.is_file() or not weights.is_file():
-        raise CheckpointError(f"{folder} is not a lightning indexer checkpoint (needs {META} and {WEIGHTS}); make one "
-                              "with `flashmemory indexer convert`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"corrupt indexer checkpoint {meta_path}: not valid JSON ({exc})") from None
-    if isinstance(meta, dict) and meta.get("format") == FORMAT:
-        raise CheckpointError(f"{folder} is an indexer for ordinary attention backbones ({FORMAT}), not a DeepSeek-V4 "
-                              "lightning indexer")
-    if not isinstance(meta, dict) or meta.get("format") != LIGHTNING_FORMAT or "config" not in meta:
-        raise CheckpointError(f"corrupt indexer checkpoint {meta_path}: not a {LIGHTNING_FORMAT} description")
-    if meta.get("version") != LIGHTNING_VERSION:
-        raise CheckpointError(f"{meta_path} has format version {meta.get('version')}; this flashmemory reads "
-                              f"version {LIGHTNING_VERSION}")
+    folder, meta = _read_description(folder, LIGHTNING_FORMAT, LIGHTNING_VERSION)
     try:
         cfg = LightningConfig.from_dict(meta["config"])
     except (IndexerConfigError, TypeError) as exc:
@@ -375,16 +378,7 @@ def load_lightning_indexer(folder: str | os.PathLike, fingerprint: str | None = 
     if fingerprint is not None and cfg.fingerprint not in (None, fingerprint):
         raise CheckpointError(f"indexer checkpoint {folder} was made for backbone {cfg.fingerprint}, but the loaded "
                               f"backbone is {fingerprint}")
-    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
-        raise CheckpointError(f"corrupt indexer checkpoint {weights}: its checksum does not match {META} "
-                              "(truncated or modified file); re-create it with `flashmemory indexer convert`")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt indexer checkpoint {weights}: {exc}") from None
-    indexer = LightningIndexer(cfg)
-    _load_state(indexer, state, str(weights))
-    return indexer.eval()
+    return _load_weights(LightningIndexer(cfg), folder, meta, "re-create it with `flashmemory indexer convert`")
 
 
 def checkpoint_format(path: str | os.PathLike) -> Literal["release", "safetensors"]:
