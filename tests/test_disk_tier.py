@@ -178,3 +178,13 @@ def test_a_follow_up_on_a_spilled_context_equals_the_in_ram_one(setup):
             assert extended.host.spills == (engine_config is not None)
             assert engine_config is None or extended.host.allocated_bytes <= cap
     assert answers[0] == answers[1]
+
+
+def test_the_command_line_names_a_bad_host_cap(tmp_path, capsys):
+    from flashmemory.cli.main import main
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The capital of France is")
+    code = main(["generate", "--prompt-file", str(prompt), "--host-memory", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "flashmemory: error: host_memory must be a positive number of bytes" in err
