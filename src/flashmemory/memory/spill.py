@@ -86,10 +86,6 @@ class SpilledKeys:
         s = self.mirror.shape
         return torch.Size((s.layers, s.kv_heads, self.mirror.capacity, s.head_dim))
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def __getitem__(self, index: tuple) -> torch.Tensor:
         rows, heads, tokens = index
         start, stop, stride = tokens.indices(self.mirror.capacity)
