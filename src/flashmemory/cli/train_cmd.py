@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..models.loader import DEFAULT_MODEL
+from ..traces.recipe import RECIPES
 from ..traces.train import TrainConfig
 from .errors import HelpFormatter, USER_ERRORS, fail
 from .options import add_options, build
@@ -33,8 +35,13 @@ def register(sub) -> None:
                    help="also train wq_a/wq_b after the backbone init (default: keep them, train the rest)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16: half the size)")
     p.add_argument("--build-default", action="store_true",
-                   help="dump the built-in corpus with the shipped recipe (resumable) and train the default indexer")
-    p.add_argument("--work", default="runs/default-indexer", help="--build-default: where the dump goes")
+                   help="dump the built-in corpus with the shipped recipe (resumable) and train the shipped indexer "
+                        "of --model")
+    p.add_argument("--model", default=None,
+                   help="--build-default: the embedded model whose shipped indexer to rebuild: "
+                        f"{', '.join(RECIPES)} (default: {DEFAULT_MODEL})")
+    p.add_argument("--work", default=None,
+                   help="--build-default: where the dump goes (default: the recipe's, e.g. runs/default-indexer)")
     p.add_argument("--json", action="store_true", help="print the training summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-epoch log")
     p.set_defaults(func=run)
@@ -43,7 +50,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..indexer.checkpoint import DEFAULT_DIR, CheckpointError, save_indexer
+    from ..indexer.checkpoint import CheckpointError, save_indexer, shipped_dir
     from ..traces.dataset import TraceError
     from ..traces.dump import DumpError, parse_layers
     from ..traces.train import TrainError, init_distributed, train_indexer
@@ -53,14 +60,19 @@ def run(args) -> int:
         rank = torch.distributed.get_rank() if distributed else 0
         dump_seconds = None
         if args.build_default:
-            from ..traces.recipe import DEFAULT_TRAIN
-            dumps = [str(Path(args.work) / "dump")]
-            out = args.out or str(DEFAULT_DIR)
-            dump_seconds = _build_default_dump(dumps[0], quiet=args.quiet) if rank == 0 else None
+            name = args.model or DEFAULT_MODEL
+            if name not in RECIPES:
+                raise TrainError(f"no shipped recipe for model {name!r}; choose one of: {', '.join(RECIPES)}")
+            recipe = RECIPES[name]
+            dumps = [str(Path(args.work or recipe.work) / "dump")]
+            out = args.out or str(shipped_dir(name))
+            dump_seconds = _build_default_dump(recipe, dumps[0], quiet=args.quiet) if rank == 0 else None
             if distributed:
                 torch.distributed.barrier()
-            cfg = DEFAULT_TRAIN
+            cfg = recipe.train
         else:
+            if args.model is not None:
+                raise TrainError("--model only names the recipe of --build-default; training reads only the dump")
             if not args.dump or not args.out:
                 raise TrainError("give --dump DIR and --out DIR (or --build-default)")
             dumps, out = args.dump, args.out
@@ -98,15 +110,14 @@ def run(args) -> int:
     return 0
 
 
-def _build_default_dump(folder: str, quiet: bool = False) -> float:
-    """Dump (or finish dumping) the default corpus with the recorded recipe; returns the backbone
-    seconds spent on the whole dump (all runs of it, resumes included)."""
+def _build_default_dump(recipe, folder: str, quiet: bool = False) -> float:
+    """Dump (or finish dumping) a shipped indexer's corpus with its recorded recipe; returns the
+    backbone seconds spent on the whole dump (all runs of it, resumes included)."""
     from ..models.loader import load_backbone
     from ..traces.dump import dump_seconds, run_dump
-    from ..traces.recipe import DEFAULT_CORPUS, DEFAULT_DUMP, default_corpus
 
-    backbone = load_backbone(None)
-    summary = run_dump(backbone, default_corpus(), folder, DEFAULT_DUMP, corpus_spec=DEFAULT_CORPUS,
+    backbone = load_backbone(recipe.model)
+    summary = run_dump(backbone, recipe.documents(), folder, recipe.dump, corpus_spec=recipe.corpus,
                        progress=not quiet)
     total = dump_seconds(folder)
     if not quiet:

@@ -118,11 +118,14 @@ class TraceSet:
         if not self.docs:
             raise TraceError(f"no documents in {', '.join(map(str, folders))}; run `flashmemory dump` first")
         self.query_weights: dict[int, torch.Tensor] | None = None  # the backbone's q_proj at loaded layers
+        self.query_norms: dict[int, torch.Tensor] = {}  # per-head query norm gains, where the backbone has them
         qw = Path(folders[0]) / QUERY_WEIGHTS
         if qw.is_file():
             try:
                 with safe_open(str(qw), framework="pt") as f:
                     self.query_weights = {x: f.get_tensor(f"q_proj.{x}").float() for x in self.layers}
+                    self.query_norms = {x: f.get_tensor(f"q_norm.{x}").float() for x in self.layers
+                                        if f"q_norm.{x}" in f.keys()}
             except Exception as exc:
                 raise TraceError(f"cannot read {qw}: {exc}") from None
 
@@ -169,6 +172,7 @@ def select_layers(traces: TraceSet, layers: list[int]) -> TraceSet:
     view.layers = list(layers)
     if traces.query_weights is not None:
         view.query_weights = {x: traces.query_weights[x] for x in layers}
+    view.query_norms = {x: g for x, g in traces.query_norms.items() if x in layers}
     view.docs = [TraceDoc(d.index, d.meta, d.keys[rows], d.hidden[:, rows], d.positions, d.votes, d.quest,
                           d.population) for d in traces.docs]
     return view

@@ -122,7 +122,10 @@ def backbone_info(backbone) -> dict:
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     rotary = getattr(getattr(backbone.model, "model", backbone.model), "rotary_emb", None)
-    inv_freq = rotary.inv_freq.float().tolist() if rotary is not None and hasattr(rotary, "inv_freq") else None
+    # hybrid models (Gemma 3) keep one table per layer type; the indexer reads global layers only
+    table = getattr(rotary, "inv_freq", None)
+    table = getattr(rotary, "full_attention_inv_freq", None) if table is None else table
+    inv_freq = table.float().tolist() if table is not None else None
     return {"fingerprint": backbone.fingerprint, "path": str(backbone.path), "num_layers": cfg.num_hidden_layers,
             "d_model": cfg.hidden_size, "n_heads": n_heads, "kv_heads": cfg.num_key_value_heads,
             "head_dim": head_dim, "key_dim": cfg.num_key_value_heads * head_dim, "inv_freq": inv_freq,
@@ -226,9 +229,7 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
 
     model, tok = backbone.model, backbone.tokenizer
     info = backbone_info(backbone)
-    n_layers = info["num_layers"]
-    cands = cfg.candidate_layers if cfg.candidate_layers is not None else list(range(n_layers))
-    voters = cfg.label_layers if cfg.label_layers is not None else list(range(n_layers))
+    cands, voters = dump_layers(backbone, cfg)
     limit = min(cfg.max_tokens, info["max_context"] or cfg.max_tokens)
     ids, region_start = encode_document(tok, doc, limit - (60 + cfg.max_answer_tokens) * len(doc.questions))
     if doc.kind != "qa" and not doc.continuation:
@@ -254,6 +255,7 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
         recorder.close()
     N = feeder.length
     modules = recorder.modules
+    kept = sorted(set(cands) | set(voters))  # layers with the whole history (a sliding layer's cache is cut)
 
     # golden-label votes at the decode positions region_start .. N-1 (every label_stride-th)
     vote_pos = torch.arange(region_start, N, cfg.label_stride)
@@ -275,7 +277,7 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
     # the quest baseline on the same anchors, through the real policy
     lsa = LSAConfig(chunk_size=cfg.chunk_size, page_size=cfg.page_size, tau=cfg.tau,
                     sink_tokens=cfg.sink_tokens, tail_tokens=cfg.tail_tokens)
-    host_keys = torch.stack(keys)
+    host_keys = torch.stack([keys[i] for i in kept])
     quest, policy, index = torch.zeros(len(anchors), n_chunks), QuestPolicy(), QuestIndex()
     for i, a in enumerate(anchors.tolist() if cfg.quest_baseline else []):
         n_pages = (a + 1) // cfg.page_size
@@ -284,12 +286,13 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
         r = slice(a - first, a - first + 1)
         ctx = SelectionContext(config=lsa, length=a + 1, n_pages=n_pages, cycle=i, host_keys=host_keys,
                                activations=Activations(modules, [h[r] for h in hidden], [c[r] for c in cos],
-                                                       [x[r] for x in sin]), index=index)
+                                                       [x[r] for x in sin]), index=index, layers=tuple(kept))
         s = policy.score(ctx)
         quest[i, : s.numel()] = s
 
     tensors = {
-        "keys": compress_keys(host_keys[cands, :, : n_chunks * cfg.chunk_size], cfg.key_block).half(),
+        "keys": compress_keys(host_keys[[kept.index(i) for i in cands], :, : n_chunks * cfg.chunk_size],
+                              cfg.key_block).half(),
         "hidden": torch.stack([hidden[i][anchors - first] for i in cands], 1).half(),
         "positions": anchors.long(),
         "votes": labels.contiguous(),
@@ -303,6 +306,28 @@ def trace_document(backbone, doc: TraceDocument, cfg: DumpConfig) -> tuple[dict[
     return tensors, meta
 
 
+def dump_layers(backbone, cfg: DumpConfig) -> tuple[list[int], list[int]]:
+    """(candidate layers, label layers): the configured ones, by default every layer that keeps the
+    whole history. A sliding-window layer (Gemma 3's local layers) is refused: it is never tiered,
+    so the indexer has nothing to choose there and its cache holds only the window."""
+    from ..memory.pools import LayerLayout
+
+    layout = LayerLayout.of(backbone.model)
+    out = []
+    for name, layers in (("candidate_layers", cfg.candidate_layers), ("label_layers", cfg.label_layers)):
+        layers = list(layout.tiered) if layers is None else list(layers)
+        n_layers = len(layout.tiered) + len(layout.sliding)
+        bad = [x for x in layers if not 0 <= x < n_layers]
+        if bad:
+            raise DumpError(f"{name} {bad} out of range: the backbone has {n_layers} layers")
+        local = [x for x in layers if x in layout.sliding]
+        if local:
+            raise DumpError(f"{name} {local} are sliding-window layers; this backbone keeps the whole history at "
+                            f"layers {list(layout.tiered)} only")
+        out.append(layers)
+    return out[0], out[1]
+
+
 def export_query_weights(backbone, folder: str | os.PathLike, layers: list[int]) -> Path:
     """Store the backbone's query projections at `layers` beside the dump (fp16).
 
@@ -310,6 +335,9 @@ def export_query_weights(backbone, folder: str | os.PathLike, layers: list[int])
     their leading singular directions already point at what the layer attends to, which a
     few hundred training anchors cannot teach from scratch. This is part of stage 1;
     training still reads nothing but the dump folder.
+
+    A backbone that normalises each query head before RoPE (Qwen3, Gemma 3: `q_norm`) also gets
+    `q_norm.{layer}`, the norm's gain per head dimension (its output on a vector of ones).
     """
     from safetensors.torch import save_file
 
@@ -320,6 +348,12 @@ def export_query_weights(backbone, folder: str | os.PathLike, layers: list[int])
         return path
     modules = attention_modules(backbone.model)
     tensors = {f"q_proj.{i}": modules[i].q_proj.weight.detach().to(torch.float16).cpu().contiguous() for i in layers}
+    for i in layers:
+        norm = getattr(modules[i], "q_norm", None)
+        if norm is not None:
+            ones = torch.ones(modules[i].head_dim, dtype=modules[i].q_proj.weight.dtype,
+                              device=modules[i].q_proj.weight.device)
+            tensors[f"q_norm.{i}"] = norm(ones).detach().to(torch.float16).cpu().contiguous()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"fingerprint": backbone.fingerprint})
     os.replace(tmp, path)
@@ -388,17 +422,13 @@ def run_dump(backbone, corpus: list[TraceDocument], folder: str | os.PathLike, c
     if not (n_shards >= 1 and 0 <= i_shard < n_shards):
         raise DumpError(f"shard must be i/N with 0 <= i < N, got {i_shard}/{n_shards}")
     info = backbone_info(backbone)
-    for name, layers in (("candidate_layers", cfg.candidate_layers), ("label_layers", cfg.label_layers)):
-        bad = [x for x in (layers or []) if not 0 <= x < info["num_layers"]]
-        if bad:
-            raise DumpError(f"{name} {bad} out of range: the backbone has {info['num_layers']} layers")
+    candidates, _ = dump_layers(backbone, cfg)
     ids = [d.doc_id for d in corpus]
     if len(set(ids)) != len(ids):
         raise DumpError("document ids must be unique")
     manifest = {"format": FORMAT, "version": VERSION, "backbone": info, "params": asdict(cfg),
                 "corpus": corpus_spec or {"documents": len(corpus)}, "n_documents": len(corpus),
-                "candidate_layers": cfg.candidate_layers if cfg.candidate_layers is not None
-                else list(range(info["num_layers"]))}
+                "candidate_layers": candidates}
     open_manifest(folder, manifest)
     export_query_weights(backbone, folder, manifest["candidate_layers"])
     _remove_stale_temporaries(folder)

@@ -1,6 +1,6 @@
-"""The recipe of the shipped default indexer (SmolLM2-135M-Instruct), as code.
+"""The recipes of the shipped indexers (SmolLM2-135M-Instruct, Gemma-3-270m), as code.
 
-`flashmemory train --build-default` runs exactly this: dump the built-in synthetic corpus
+`flashmemory train --build-default [--model gemma3-270m]` runs exactly this: dump the built-in synthetic corpus
 (stdlib-docstring prose with our own fact templates; nothing from the evaluation's Paul
 Graham essays or "special magic number" needles), then train on it. The dump resumes if
 interrupted.
@@ -13,6 +13,8 @@ answering gets 4-7 of those votes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .dump import DumpConfig
 from .train import TrainConfig
@@ -40,8 +42,41 @@ DEFAULT_TRAIN = TrainConfig(layers=DEFAULT_LAYERS, q_rank=576, epochs=60, patien
                             fine_key_block=2)
 
 
-def default_corpus():
-    """The built-in corpus of the shipped indexer (deterministic: seed and index only)."""
-    from .corpus import synthetic_corpus
-    spec = DEFAULT_CORPUS
-    return synthetic_corpus(spec["n_docs"], spec["seed"], spec["min_tokens"], spec["max_tokens"])
+#: Gemma-3-270m: only layers 5, 11 and 17 attend globally (the others within 512 tokens), so
+#: only they are tiered, and they are both the voters and the target layers. With three voters,
+#: a chunk is golden when at least two of them keep it in their top-0.6 attention set (a
+#: majority, `min_layers` 2; docs/indexer.md, "Gemma-3-270m"). Its own corpus seed, documents of
+#: 2-3K tokens (20 of them: the dump took 21 minutes on the shared 2-core CPU), answers of at
+#: most 16 tokens (a base model does not stop after the answer), raw-text prompts (a base
+#: model: the tokenizer has no chat template, so questions are asked as "Question: ...\nAnswer:").
+GEMMA_CORPUS = {"generator": "synthetic", "n_docs": 20, "seed": 2701, "min_tokens": 2048, "max_tokens": 3072}
+GEMMA_LAYERS: list[int] = [5, 11, 17]
+GEMMA_DUMP = DumpConfig(label_layers=GEMMA_LAYERS, candidate_layers=GEMMA_LAYERS, label_stride=2, min_layers=2,
+                        key_block=8, max_answer_tokens=16, quest_baseline=False)
+#: One key per 8 tokens at run time (no finer resolution): the key store covers exactly the three
+#: tiered layers, so 2-token keys would weigh 12.5% of their fp32 KV, more than the 10% budget itself;
+#: 8-token keys weigh 3.1%.
+GEMMA_TRAIN = TrainConfig(layers=GEMMA_LAYERS, q_rank=640, epochs=60, patience=10, time_limit=540.0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one shipped indexer is made: the embedded backbone, the corpus, the dump and the training."""
+
+    model: str     # embedded model name (models/loader.py EMBEDDED_MODELS)
+    corpus: dict   # the built-in generator's parameters (recorded in the dump's manifest)
+    dump: DumpConfig
+    train: TrainConfig
+    work: str      # default folder of the dump (`flashmemory train --build-default --work`)
+
+    def documents(self):
+        """The corpus (deterministic: seed and index only)."""
+        from .corpus import synthetic_corpus
+        spec = self.corpus
+        return synthetic_corpus(spec["n_docs"], spec["seed"], spec["min_tokens"], spec["max_tokens"])
+
+
+RECIPES: dict[str, Recipe] = {
+    "smollm2-135m": Recipe("smollm2-135m", DEFAULT_CORPUS, DEFAULT_DUMP, DEFAULT_TRAIN, "runs/default-indexer"),
+    "gemma3-270m": Recipe("gemma3-270m", GEMMA_CORPUS, GEMMA_DUMP, GEMMA_TRAIN, "runs/gemma3-270m-indexer"),
+}

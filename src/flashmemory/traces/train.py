@@ -317,12 +317,20 @@ def init_from_backbone(indexer: NeuralIndexer, traces: TraceSet, docs: list[int]
     (SVD), rescaled by the typical norm wq_a . h has on the training anchors; the head weights
     start equal and positive, then logits are scaled to a spread of ~2 around the positive
     rate. Training refines everything from there.
+
+    A backbone that normalises each query head (`q_norm`) divides head h by its RMS: each
+    head's rows are divided by that RMS averaged over the training anchors and multiplied by
+    the norm's gain, so the map has the backbone's query scale on typical inputs.
     """
     info, cfg = traces.backbone, indexer.cfg
     H, Dh = info["n_heads"], info["head_dim"]
     group = H // info["kv_heads"]
     for i, layer in enumerate(cfg.layers):
         W = traces.query_weights[layer].float()                     # [H * Dh, d_model]
+        if layer in traces.query_norms:
+            hidden = torch.cat([traces.docs[d].hidden[:, i] for d in docs])
+            head_rms = (hidden @ W.T).view(-1, H, Dh).pow(2).mean(-1).sqrt().mean(0)   # [H]
+            W = (W.view(H, Dh, -1) * (traces.query_norms[layer].view(1, Dh, 1) / head_rms.view(H, 1, 1))).view(H * Dh, -1)
         M = torch.zeros(H * cfg.key_dim, W.shape[1])
         for h in range(H):
             g = h // group
