@@ -8,11 +8,11 @@ to first token and inter-token latency (gaps between streamed chunks; one chunk 
 here), and samples /metrics for the most requests running at once. Bounded: every request has a
 timeout, every level a deadline.
 
-    python benchmarks/serve.py              # 2048-token prompts, 4/8/16 clients: tens of minutes on a 2-core CPU
+    python benchmarks/serve.py              # 2048-token prompts, 256 new tokens, 4/8/16 clients: about an hour on 2 cores
     python benchmarks/serve.py --prompt-tokens 800 --budget 0.35 --max-tokens 8 --concurrency 4   # a quick check
 
 A budget is floored at sink + tail + one cycle (256 tokens by default), so on short prompts lsa
-keeps a larger share than --budget says; the table's resident fractions show it.
+keeps a larger share than --budget says.
 
 Writes benchmarks/results/serve.json and serve.md.
 """
@@ -199,11 +199,15 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[str, subprocess.P
     port = free_port()
     cmd = [sys.executable, "-m", "flashmemory.cli.main", "serve", "--port", str(port), "--log-level", "warning",
            "--device-memory", str(args.device_memory), "--max-queue", str(max(args.concurrency) * 2),
-           "--max-batch", str(max(args.concurrency)), "--device", args.device]
+           "--max-batch", str(max(args.concurrency)), "--device", args.device,
+           "--prefill-chunk", str(args.prefill_chunk)]
     if args.budget is not None:
         cmd += ["--budget", str(args.budget)]
     with open(log, "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        env = os.environ.copy()
+        if args.threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -225,7 +229,8 @@ def markdown(rows: list[LevelResult], args: argparse.Namespace, note: str) -> st
         f"`{' '.join(sys.argv)}`", "",
         f"device memory {args.device_memory / 2**20:.1f} MiB, prompt ~{args.prompt_tokens} tokens, "
         f"{args.max_tokens} new tokens per request (ignore_eos), {args.requests_per_client} request(s) per client, "
-        f"device {args.device}. {note}", "",
+        f"prefill pieces of {args.prefill_chunk} tokens, device {args.device}"
+        f"{'' if args.threads is None else f', {args.threads} server thread(s)'}. {note}", "",
         "| clients | policy | done/sent | max running | req/min | decode tok/s | TTFT p50 (s) | TTFT p99 (s) "
         "| ITL p50 (ms) | ITL p99 (ms) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -245,7 +250,11 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", default=["full", "lsa"], help="policies to compare")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[4, 8, 16], help="concurrent clients per level")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="approximate prompt length")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="the server's prompt tokens per prefill piece (a piece stalls the running decodes)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the server's compute threads (OMP_NUM_THREADS; default: torch's choice)")
     parser.add_argument("--requests-per-client", type=int, default=1, help="requests each client sends in turn")
     parser.add_argument("--device-memory", type=int, default=None,
                         help="bytes of device KV for the server (default: room for --full-requests full requests)")
@@ -256,9 +265,11 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds before a request is abandoned")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve", help="results path without extension")
     args = parser.parse_args()
-    for name in ("prompt_tokens", "max_tokens", "requests_per_client", "full_requests"):
+    for name in ("prompt_tokens", "max_tokens", "prefill_chunk", "requests_per_client", "full_requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be a positive integer")
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency values must be positive integers")
     if args.url is not None and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
