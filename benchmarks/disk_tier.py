@@ -6,20 +6,20 @@ per token) and `quest` at a fixed page cap (KMAX, as benchmarks/decode.py):
   2. disk tier: a 512K-token synthetic history (22.5 GiB, more than this machine can mirror) written,
      streamed, to a spill file, decoded under EngineConfig(host_memory=4 GiB): ms/token, resident
      fraction, host / disk / device bytes, disk reads, prefetch hits and misses.
-The timed window is the same number of steps on both sides and spans the same cycle boundaries
-(the first boundary, which builds quest's index from the whole history, is in the warm-up).
+Both sequences stay alive and their timed windows alternate, one cycle (tau steps) each, so both
+see the same load on a shared machine; they span the same cycle boundaries (the first boundary,
+which builds quest's index from the whole history, is in the warm-up).
 Before the decode, the I/O method is measured on the big file: random whole-page reads, cold
 (the kernel's cache of the file dropped), with explicit `preadv` into a tensor and through a
 memory map. The file is deleted at the end.
 
-    python benchmarks/disk_tier.py                           # 128K vs 512K, ~25 min on 2 cores
+    python benchmarks/disk_tier.py                           # 128K vs 512K, ~15 min on 2 cores
     python benchmarks/disk_tier.py --ram-context 4096 --disk-context 16384 --host-memory 100000000 --steps 64
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import mmap
 import os
@@ -43,21 +43,23 @@ SHAPE = "smollm2-135m"
 GiB = 2 ** 30
 
 
-def decode(engine: LSAEngine, prefill: Prefill, warmup: int, steps: int) -> dict:
-    """Decode `warmup + steps` tokens with quest; time the last `steps`; measure memory at the end."""
+def start(engine: LSAEngine, prefill: Prefill, warmup: int, steps: int) -> tuple[object, float]:
+    """Submit a quest decode of `prefill` and run its `warmup` steps (the first boundary: quest's index from
+    the whole history); return the sequence and the warm-up seconds."""
     seq = engine.submit_prefilled(prefill, "quest", max_new_tokens=warmup + steps + 2, stop_at_eos=False)
     t0 = time.perf_counter()
-    for i in range(warmup + steps):
-        if i == warmup:
-            first = time.perf_counter() - t0
-            start = time.perf_counter()
+    for _ in range(warmup):
         engine.step()
-    seconds = time.perf_counter() - start
+    return seq, time.perf_counter() - t0
+
+
+def measure(engine: LSAEngine, seq, seconds: float, steps: int, warmup: int, warmup_seconds: float) -> dict:
+    """ms/token of the timed steps, and the memory and disk traffic of `seq` (still running)."""
     usage = engine.memory()
     log = seq.transfers
     row = {
-        "context": len(prefill.prompt_ids), "steps": steps, "ms_per_token": 1000 * seconds / steps,
-        "warmup_seconds": first, "cycles_timed": sum(1 for c in seq.cycles if c.step >= warmup),
+        "context": len(seq.prompt_ids), "steps": steps, "ms_per_token": 1000 * seconds / steps,
+        "warmup_seconds": warmup_seconds, "cycles_timed": sum(1 for c in seq.cycles if c.step >= warmup),
         "resident_fraction": seq.attended / seq.length,
         "host_bytes": usage.host_bytes, "host_kv_bytes_peak": seq.memory.host_kv_bytes_peak,
         "disk_bytes": usage.disk_bytes, "device_bytes": usage.device_used_bytes,
@@ -146,16 +148,13 @@ def main() -> None:
            "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d")}
     print(env, flush=True)
 
-    # 1. all in RAM
-    with LSAEngine(model, config) as engine:
-        history = synthetic_history(engine, args.ram_context, args.warmup + args.steps + 64)
-        ram = decode(engine, synthetic_prefill(engine, history, args.ram_context, args.warmup + args.steps + 2),
-                     args.warmup, args.steps)
-    del history
-    gc.collect()
-    print("ram", ram, flush=True)
-
-    # 2. the disk tier
+    # both sequences stay alive and their timed windows alternate (one cycle each), so both see the same
+    # load on this shared machine; two engines on one model, each with its own tiers
+    room = args.warmup + args.steps + 64
+    ram_engine = LSAEngine(model, config)
+    history = synthetic_history(ram_engine, args.ram_context, room)
+    ram_seq, ram_warm = start(ram_engine, synthetic_prefill(ram_engine, history, args.ram_context, room - 62),
+                              args.warmup, args.steps)
     engine = LSAEngine(model, config, engine_config=EngineConfig(host_memory=args.host_memory,
                                                                  spill_dir=args.spill_dir))
     path = Path(args.spill_dir) / f"fm-disk-tier-bench-{os.getpid()}.kv"
@@ -166,22 +165,31 @@ def main() -> None:
         record = config.page_size * engine.shape.bytes_per_token
         io = io_methods(path, record, written["file_bytes"] // written["pages"], written["pages"])
         print("io", io, flush=True)
-        room = args.warmup + args.steps + 64
         mirror = SpilledMirror.over_file(engine.shape, path, args.disk_context, args.disk_context + room,
                                          config.page_size, args.host_memory)
         seed = engine.prefill([1], max_new_tokens=1)
-        prefill = Prefill(mirror, [1] * args.disk_context, seed.logits, seed.activations, 0.0,
-                          args.warmup + args.steps + 2, 0)
-        disk = decode(engine, prefill, args.warmup, args.steps)
+        prefill = Prefill(mirror, [1] * args.disk_context, seed.logits, seed.activations, 0.0, room - 62, 0)
+        disk_seq, disk_warm = start(engine, prefill, args.warmup, args.steps)
+        seconds = {"ram": 0.0, "disk": 0.0}
+        window = config.tau
+        for lo in range(0, args.steps, window):
+            for name, eng in (("ram", ram_engine), ("disk", engine)):
+                t0 = time.perf_counter()
+                for _ in range(min(window, args.steps - lo)):
+                    eng.step()
+                seconds[name] += time.perf_counter() - t0
+        ram = measure(ram_engine, ram_seq, seconds["ram"], args.steps, args.warmup, ram_warm)
+        disk = measure(engine, disk_seq, seconds["disk"], args.steps, args.warmup, disk_warm)
         disk["host_memory"] = args.host_memory
         disk["host_slots_bytes"] = mirror.allocated_bytes
-        print("disk", disk, flush=True)
+        print("ram", ram, "\ndisk", disk, flush=True)
     finally:
         if mirror is not None:
             mirror.close()
         elif path.exists():
             path.unlink()
         engine.close()
+        ram_engine.close()
     ratio = disk["ms_per_token"] / ram["ms_per_token"]
     report = {"env": env, "shape": SHAPE, "max_pages": args.max_pages, "ram": ram, "disk": disk, "written": written,
               "io": io, "ratio": ratio, "target": 1.5, "file_removed": not path.exists()}
