@@ -27,7 +27,8 @@ def register(sub) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("--tasks", default=None,
                    help="comma list of tasks or groups: ruler, niah, single, niah_single_1..3, niah_multikey_1..3, "
-                        "niah_multivalue, niah_multiquery, vt, cwe, fwe, longbench_v2[_short|_medium|_long], "
+                        "niah_multivalue, niah_multiquery, vt, cwe, fwe, multi (questions asked in turn on one "
+                        "context: mq_niah_2..4, mq_niah_noise_3), longbench_v2[_short|_medium|_long], "
                         "infinitebench_{passkey,number_string,kv_retrieval,longbook_qa_eng}, longmemeval "
                         "(default: single)")
     p.add_argument("--length", type=int, default=None, help="tokens per sample, prompt + answer (default 4096)")

@@ -22,15 +22,18 @@ from ..policies import BudgetError, SelectionPolicy, make_policy, policy_names
 from ..runtime.cache import ContextLengthError
 from ..runtime.engine import LSAEngine, PromptError
 from .datasets import DataPaths, dataset_tasks, load_dataset_task
+from .multi import MULTI_TASKS, MultiSample, generate_multi
 from .ruler import RULER_TASKS, generate_samples
 from .samples import EvalDataError, PromptBuilder, Sample
 from .scoring import score
+from .turns import converse, prefill_document
 
 #: Named groups accepted by --tasks.
 TASK_GROUPS = {
     "ruler": list(RULER_TASKS),
     "niah": [t for t in RULER_TASKS if t.startswith("niah_")],
     "single": ["niah_single_1", "niah_single_2", "niah_single_3"],
+    "multi": list(MULTI_TASKS),   # many questions on one context, asked in turn
 }
 
 #: Failures that belong to one (policy, budget) and are reported instead of stopping the run.
@@ -40,13 +43,14 @@ RUN_ERRORS = (BudgetError, ConfigError, ContextLengthError, PromptError)
 def expand_tasks(spec: str | Iterable[str]) -> list[str]:
     """Task names from a comma list that may contain group names; unknown names raise."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    known = set(RULER_TASKS) | set(dataset_tasks())
+    known = set(RULER_TASKS) | set(MULTI_TASKS) | set(dataset_tasks())
     out: list[str] = []
     for name in names:
         for task in TASK_GROUPS.get(name, [name]):
             if task not in known:
                 raise EvalDataError(f"unknown task {task!r}; choose from: {', '.join(TASK_GROUPS)} (groups), "
-                                    f"{', '.join(RULER_TASKS)}, {', '.join(dataset_tasks())}")
+                                    f"{', '.join(RULER_TASKS)}, {', '.join(MULTI_TASKS)}, "
+                                    f"{', '.join(dataset_tasks())}")
             if task not in out:
                 out.append(task)
     if not out:
@@ -116,12 +120,14 @@ def make_policies(settings: EvalSettings, model=None) -> dict[str, SelectionPoli
     return out
 
 
-def build_samples(settings: EvalSettings, builder: PromptBuilder) -> list[Sample]:
+def build_samples(settings: EvalSettings, builder: PromptBuilder) -> list[Sample | MultiSample]:
     """Every sample of every task, synthetic ones generated from the seed."""
-    samples: list[Sample] = []
+    samples: list[Sample | MultiSample] = []
     for task in settings.tasks:
         if task in RULER_TASKS:
             got = generate_samples(task, builder, settings.samples, settings.length, settings.seed)
+        elif task in MULTI_TASKS:
+            got = generate_multi(task, builder, settings.samples, settings.length, settings.seed)
         else:
             got = load_dataset_task(task, settings.data, builder, settings.samples, settings.length)
         if settings.max_new_tokens is not None:
@@ -209,7 +215,7 @@ class EvalRun:
     """The outcome of `evaluate`: settings, samples and one record per (sample, policy, budget)."""
 
     settings: EvalSettings
-    samples: list[Sample]
+    samples: list[Sample | MultiSample]
     records: list[dict]
     model: str
     reused: int = 0   # results taken from the results file instead of recomputed
@@ -237,7 +243,25 @@ def evaluate(engine: LSAEngine, settings: EvalSettings, results_path: Path | Non
         keyed = [(p, b, cfg, _record_key(fp, sample, p, identity[p], cfg, settings.chat)) for p, b, cfg in keyed]
         todo = [k for k in keyed if k[3] not in store]
         reused += len(keyed) - len(todo)
-        if todo:
+        if todo and isinstance(sample, MultiSample):
+            bar.set_postfix_str(f"{sample.task} prefill")
+            ids, pre = prefill_document(engine, sample, settings.chat, tau)
+            for name, budget, cfg, key in todo:
+                bar.set_postfix_str(f"{sample.task} {name}@{budget:g}")
+                rec = {"key": key, "sample_id": sample.id, "task": sample.task, "policy": name, "budget": budget,
+                       "depth": None, "answers": sample.answers, "metric": sample.metric,
+                       "prompt_tokens": len(ids), "prefill_seconds": pre.seconds}
+                try:
+                    turns, mean = converse(engine, pre, sample, policies[name], cfg, settings.chat)
+                except RUN_ERRORS as exc:
+                    rec.update(prediction=None, score=None, turns=[], error=f"{type(exc).__name__}: {exc}")
+                else:
+                    extra = sum(t["report"]["scoring_forward_seconds"] for t in turns)
+                    rec.update(prediction=" | ".join(t["prediction"] for t in turns), score=mean, turns=turns,
+                               error=None, report=turns[0]["report"], scoring_forward_seconds=extra,
+                               scoring_prefill_ratio=extra / pre.seconds if pre.seconds else None)
+                store.add(rec)
+        elif todo:
             bar.set_postfix_str(f"{sample.task} prefill")
             ids = engine.encode(sample.input, chat=settings.chat) + builder.prefix_ids(sample.answer_prefix)
             # room for the answer, plus one cycle of lookahead (the oracle decodes tau steps ahead)

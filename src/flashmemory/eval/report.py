@@ -63,6 +63,55 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def position_rows(records: list[dict]) -> list[dict]:
+    """Multi-question records: accuracy by question position, one row per (policy, budget, position), over
+    every task and sample; with the extra forward seconds a policy spent per conversation (kvzip's
+    reconstruction) and their ratio to the document's prefill."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    conversations: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("turns"):
+            conversations[(r["policy"], r["budget"])].append(r)
+            for t in r["turns"]:
+                groups[(r["policy"], r["budget"], t["position"])].append(t)
+    rows = []
+    for (policy, budget, position), turns in sorted(groups.items()):
+        convs = conversations[(policy, budget)]
+        rows.append({"policy": policy, "budget": budget, "position": position, "questions": len(turns),
+                     "accuracy": 100.0 * _mean([t["score"] for t in turns]),
+                     "resident_fraction_max": max(t["report"]["resident_fraction_max"] for t in turns),
+                     "scoring_forward_seconds": _mean([c["scoring_forward_seconds"] for c in convs]),
+                     "scoring_prefill_ratio": _mean([c["scoring_prefill_ratio"] for c in convs
+                                                     if c.get("scoring_prefill_ratio") is not None])})
+    return rows
+
+
+def _positions_markdown(run: EvalRun, rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    sweep = len(run.settings.budgets) > 1
+    positions = sorted({r["position"] for r in rows})
+    runs = sorted({(r["policy"], r["budget"]) for r in rows},
+                  key=lambda k: (run.settings.policies.index(k[0]), k[1]))
+    cell = {(r["policy"], r["budget"], r["position"]): r for r in rows}
+    lines = ["", "## Many questions on one context: accuracy (%) by question position", "",
+             "Each sample's document is prefilled once; its questions are asked one after another, each "
+             "appended after the previous answer. Extra forward: seconds per conversation a policy spent on "
+             "forward passes of its own (kvzip's context reconstruction), and their ratio to the document's prefill.",
+             "", "| policy | " + " | ".join(f"question {p}" for p in positions) + " | questions | resident max | "
+             "extra forward |", "|---|" + "---|" * (len(positions) + 3)]
+    for p, b in runs:
+        got = [cell.get((p, b, i)) for i in positions]
+        first = next(r for r in got if r is not None)
+        extra = "-" if not first["scoring_forward_seconds"] else \
+            f"{first['scoring_forward_seconds']:.1f} s ({_num(first['scoring_prefill_ratio'], '{:.2f}')}x prefill)"
+        lines.append(f"| {_label(p, b, sweep)} | " + " | ".join("-" if r is None else f"{r['accuracy']:.1f}"
+                                                                for r in got) +
+                     f" | {sum(r['questions'] for r in got if r)} | "
+                     f"{_pct(max(r['resident_fraction_max'] for r in got if r))} | {extra} |")
+    return lines
+
+
 def _label(policy: str, budget: float, sweep: bool) -> str:
     return policy if (budget >= 1.0 and policy == "full") or not sweep else f"{policy}@{budget:g}"
 
@@ -141,6 +190,7 @@ def to_markdown(run: EvalRun, rows: list[dict]) -> str:
     if errors:
         lines += ["", "## Failures", ""]
         lines += [f"- {p} @ {b:g}: {m}" for p, b, m in errors]
+    lines += _positions_markdown(run, position_rows(run.records))
     prefill = [r["prefill_seconds"] for r in rows if r["task"] == AVERAGE and r["prefill_seconds"] is not None]
     lines += ["", f"Mean prefill {prefill[0]:.1f} s per sample (shared by all policies)." if prefill else "",
               "Resident fraction: device KV tokens / history tokens (sink, tail and the current cycle included), "
@@ -151,7 +201,8 @@ def to_markdown(run: EvalRun, rows: list[dict]) -> str:
 
 def to_json(run: EvalRun, rows: list[dict]) -> dict:
     """Settings, summary rows, every per-sample record and the samples' ids, depths and answers."""
-    return {"model": run.model, "settings": run.settings.to_dict(), "summary": rows, "records": run.records,
+    return {"model": run.model, "settings": run.settings.to_dict(), "summary": rows,
+            "positions": position_rows(run.records), "records": run.records,
             "samples": [{"id": s.id, "task": s.task, "depth": s.depth, "target_length": s.target_length,
                          "answers": s.answers, "metric": s.metric, "max_new_tokens": s.max_new_tokens}
                         for s in run.samples]}

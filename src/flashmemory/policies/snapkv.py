@@ -3,8 +3,11 @@
 The last `config.observation_window` prompt tokens (the observation window; the question sits
 there) vote for the keys they attend to: per layer and KV head, the window's attention
 probabilities are summed over the window's tokens and averaged over the query heads of the
-group, then max-pooled over neighbouring keys (SnapKV's clustering). A chunk's score is the
-pooled votes of its keys, averaged over KV heads and layers. It evicts: the pages it keeps at
+group, then max-pooled over neighbouring keys (SnapKV's clustering). A chunk's score is the sum
+of its keys' pooled votes at the KV head and layer that vote for it most: SnapKV keeps each
+head's own top keys, and one resident set shared by every head keeps a chunk that any head
+wants (an average over heads lets a few chunks that every head glances at crowd out the one a
+retrieval head needs). It evicts: the pages it keeps at
 the first cycle are all it ever sees of the prompt (`base.Eviction`).
 """
 
@@ -38,11 +41,10 @@ class SnapKVPolicy(SelectionPolicy):
         n_window = min(ctx.config.observation_window, ctx.activations.tokens, ctx.length)
         window = ctx.activations.last(n_window)
         keep = ctx.n_chunks * ctx.config.chunk_size
-        total = torch.zeros(ctx.n_chunks)
-        queries = window.queries(ctx.key_layers)
-        for row, q in enumerate(queries):
+        best = torch.zeros(ctx.n_chunks)
+        for row, q in enumerate(window.queries(ctx.key_layers)):
             k = ctx.host_keys[row, :, :ctx.length].to(q.device)
             votes = causal_attention(q, k, ctx.length - n_window).sum(2).mean(1)  # [kv_heads, T]
             votes = F.max_pool1d(votes[:, None], self.kernel_size, stride=1, padding=self.kernel_size // 2)[:, 0]
-            total += chunk_mass(votes[:, :keep], ctx.config.chunk_size).mean(0).cpu()
-        return total / len(queries)
+            best = torch.maximum(best, chunk_mass(votes[:, :keep], ctx.config.chunk_size).amax(0).cpu())
+        return best

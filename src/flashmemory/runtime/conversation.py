@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import LSAConfig
 from ..memory.pools import HostMirror
 from ..policies import SelectionPolicy
 from ..policies.base import Eviction
@@ -30,6 +31,7 @@ class Conversation:
     last_token: int | None            # the last answer token (None when it was an end-of-sequence token)
     window: tuple[torch.Tensor, torch.Tensor] | None  # hybrid models: the sliding layers' rings after `ids`
     policy: SelectionPolicy
+    config: LSAConfig
     chat: bool
     eviction: Eviction | None         # an eviction policy's decision, kept for every later question
     max_new_tokens: int               # the last answer's limit (the next one's default)

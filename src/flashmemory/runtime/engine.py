@@ -720,8 +720,8 @@ class LSAEngine:
 
     def ask(self, context: Prefill | GenerationResult, question: str | Seq[int],
             policy: str | SelectionPolicy | None = None,
-            *, chat: bool = False, answer_prefix: str = "", on_token: Callable[[TokenEvent], None] | None = None,
-            **options) -> GenerationResult:
+            *, chat: bool = False, answer_prefix: str = "", config: LSAConfig | None = None,
+            on_token: Callable[[TokenEvent], None] | None = None, **options) -> GenerationResult:
         """Answer a question about a document context, or a follow-up question in a conversation.
 
         `context` is a `Prefill` of a document (`saved.context_ids`, or a loaded `.fmkv` file; it is left as
@@ -733,7 +733,8 @@ class LSAEngine:
         `answer_prefix`: text the answer starts with (RULER's answer prefix), appended after the question part;
         the result's text and tokens are what follows it.
 
-        `policy` (default: the conversation's, else `DEFAULT_POLICY`) chooses the resident set. Policies that do
+        `policy` and `config` (default: the conversation's, else `DEFAULT_POLICY` and the engine's) choose the
+        resident set. Policies that do
         not evict prefill each question densely over the whole history. An eviction policy (snapkv, kvzip)
         decides once, at the first question's first cycle; every later question is prefilled over the pages it
         kept plus what came after them, and the decode keeps to that decision. The result carries the
@@ -760,18 +761,19 @@ class LSAEngine:
                 raise ValueError(f"this conversation runs {conversation.policy.name!r}; it cannot go on with "
                                  f"{make_policy(policy).name!r}")
             policy = conversation.policy
+            config = config or conversation.config
             extended = self._extend(conversation.host, conversation.ids,
                                     follow_up_ids(self, conversation, question) + self._prefix_ids(answer_prefix),
                                     options.get("max_new_tokens") or conversation.max_new_tokens,
                                     conversation.window, conversation.dense_device_peak, None, conversation.eviction)
-        seq = self.submit_prefilled(extended, policy, on_token=on_token,
+        seq = self.submit_prefilled(extended, policy, config=config, on_token=on_token,
                                     eviction=conversation.eviction if conversation is not None else None, **options)
         seq.keep_history = True
         result = self._run_one(seq)
         last = seq.output_ids[-1] if seq.output_ids else None
         result.conversation = Conversation(
             extended.host, seq.prompt_ids + seq.output_ids[:-1], None if last in self._eos else last,
-            seq.window_after, policy, chat, seq.eviction, seq.sampling.max_new_tokens, seq.memory.dense_device_peak,
+            seq.window_after, policy, seq.config, chat, seq.eviction, seq.sampling.max_new_tokens, seq.memory.dense_device_peak,
             (conversation.turns if conversation is not None else 0) + 1)
         return result
 
