@@ -4,7 +4,8 @@ The needle and question follow the evaluation harness (RULER's "special magic nu
 Graham essays), which the indexer never saw in training (its corpus is stdlib-docstring prose
 with other templates). Gemma-3-270m is a base model, so the prompt is raw text ending in an
 answer prefix. Only the global layers (5, 11, 17) are tiered; the budget and the resident fraction
-refer to their history. One shared prefill (~12.5K tokens, a few minutes on a busy 2-core CPU).
+refer to their history. One shared prefill (~12.5K tokens): the module took 9.5 min on the shared
+2-core CPU (536 s of it the prefill).
 
 Needs the Gemma part packages (README, "Hybrid models"); skipped without them.
 """
