@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from flashmemory import LSAConfig, LSAEngine, PromptError
 from flashmemory.config import ConfigError

@@ -92,7 +92,10 @@ class MultiNeedle:
         offset = rng.randrange(10 ** 9)
 
         def build(n: int):
-            sentences = noise_sentences(n) if self.haystack == "noise" else essay_sentences(builder.tokenizer, n, offset)
+            if self.haystack == "noise":
+                sentences = noise_sentences(n)
+            else:
+                sentences = essay_sentences(builder.tokenizer, n, offset)
             return DOCUMENT_TEMPLATE.format(types=kind, context=insert_at_depths(sentences, needles)[0]), ""
 
         per_unit = {"noise": 5.0, "essay": 1.0}[self.haystack]

@@ -773,7 +773,8 @@ class LSAEngine:
         last = seq.output_ids[-1] if seq.output_ids else None
         result.conversation = Conversation(
             extended.host, seq.prompt_ids + seq.output_ids[:-1], None if last in self._eos else last,
-            seq.window_after, policy, seq.config, chat, seq.eviction, seq.sampling.max_new_tokens, seq.memory.dense_device_peak,
+            seq.window_after, policy, seq.config, chat, seq.eviction, seq.sampling.max_new_tokens,
+            seq.memory.dense_device_peak,
             (conversation.turns if conversation is not None else 0) + 1)
         return result
 
