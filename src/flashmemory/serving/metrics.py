@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..runtime.engine import MemoryUsage
 
@@ -59,7 +59,7 @@ class Metrics:
         self.finished: dict[str, int] = {}          # finish reason -> requests
         self.rejected: dict[str, int] = {}          # HTTP status -> requests refused before running
         self.transfers: dict[str, int] = {}         # TransferLog.to_dict() summed over finished requests
-        self.memory = MemoryUsage(0, 0, 0, 0, 0, 0, 0)
+        self.memory = MemoryUsage(**{f.name: 0 for f in fields(MemoryUsage)})
         self.queued = 0                             # requests waiting for admission (handed over or in the engine)
 
     def first_token(self, seconds: float) -> None:
@@ -111,6 +111,8 @@ class Metrics:
                    [("", m.device_reserved_bytes)])
             metric("host_kv_bytes", "gauge", "Host memory of the running requests' KV mirrors.",
                    [("", m.host_bytes)])
+            metric("disk_kv_bytes", "gauge", "Spill-file bytes of the running requests' KV beyond --host-memory.",
+                   [("", m.disk_bytes)])
             metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", [("", self.prompt_tokens)])
             metric("generated_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
             metric("requests_finished_total", "counter", "Requests that ended, by finish reason.",
