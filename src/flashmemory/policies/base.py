@@ -181,6 +181,7 @@ def choose_pages(policy: SelectionPolicy, ctx: SelectionContext, capacity_pages:
         eligible[list(forced)] = False
     candidates = torch.nonzero(eligible).flatten()
     # ties go to newer pages: sort by (score, page index) descending
-    order = sorted(candidates.tolist(), key=lambda p: (page_score[p].item(), p), reverse=True)
+    values = page_score.tolist()
+    order = sorted(candidates.tolist(), key=lambda p: (values[p], p), reverse=True)
     chosen = order[: allowed - len(forced)]
     return PagePlan(sorted(forced | set(chosen)), allowed, tuple(order[allowed - len(forced):]))
