@@ -113,6 +113,27 @@ def test_the_file_holds_exactly_the_spilled_pages(setup):
             assert not path.exists()
 
 
+def test_a_boundary_fetches_its_missing_pages_at_once_and_exactly(setup):
+    model, prompt, cap = setup
+    config = LSAConfig(prefill_chunk=CHUNK)
+    with LSAEngine(model, config) as engine:
+        ref = engine.prefill(prompt, max_new_tokens=8).host
+    with LSAEngine(model, config, engine_config=EngineConfig(host_memory=cap)) as capped:
+        host = capped.prefill(prompt, max_new_tokens=8).host
+        P = config.page_size
+        cold = [p for p in host.spilled_pages if (p + 1) * P <= len(prompt)][:6]
+        before = host.nbytes
+        host.fetch(cold + cold[:2])  # repeated pages are read once
+        assert host.log.prefetch_misses == len(cold) and host.allocated_bytes <= cap and host.nbytes >= before
+        reads = host.log.disk_reads
+        for page in cold:  # now served from the host, with the content the in-RAM mirror holds
+            k, v = host.span(page * P, P, recall=True)
+            assert torch.equal(k, ref.k[:, :, page * P: (page + 1) * P])
+            assert torch.equal(v, ref.v[:, :, page * P: (page + 1) * P])
+        assert host.log.disk_reads == reads
+        host.close()
+
+
 def test_prefetch_never_blocks_a_step_inside_a_cycle(setup):
     model, prompt, cap = setup
     config = LSAConfig(budget=0.3, prefill_chunk=CHUNK)

@@ -130,6 +130,9 @@ class HostMirror:
     def prefetch(self, pages: list[int]) -> None:
         """Every page is in host memory already."""
 
+    def fetch(self, pages: list[int]) -> None:
+        """Every page is in host memory already."""
+
     def join(self) -> None:
         """No background work to wait for."""
 

@@ -16,7 +16,7 @@ Prefetch: at a cycle boundary the scheduler names the pages the policy ranked ne
 decodes, evicting least recently used pages that are not predicted. The next access from the
 engine (the next boundary) first waits for that thread, so the mirror has one user at a time.
 Recalls that find a prefetched page count as prefetch hits; recalls that must read the file
-then are prefetch misses (a synchronous read). Every disk read and write is logged in the
+then are prefetch misses: the boundary reads them all before its recalls (`fetch`), several at once. Every disk read and write is logged in the
 sequence's `TransferLog` with its decode step and kind.
 
 The file is created at the first spill and removed by `close()` (the engine calls it when the
@@ -32,6 +32,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,6 +42,7 @@ from .accounting import TransferLog
 from .pools import KVShape
 
 ALIGN = 4096  # file offsets and record strides are multiples of this
+READERS = 8   # reads in flight when a boundary fetches the pages it needs from disk (measured: ~2.7x faster than 1)
 
 
 class SpillError(ValueError):
@@ -329,6 +331,38 @@ class SpilledMirror:
             s = self.shape
             return torch.empty((s.layers, s.kv_heads, 0, s.head_dim), dtype=s.dtype)[rows, heads]
         return torch.cat(parts, -2)
+
+    def fetch(self, pages: list[int]) -> None:
+        """Read the `pages` that are only on disk into host slots now, up to `READERS` reads at once (the
+        recalls of a boundary that the prefetch did not cover: prefetch misses). Pages that do not fit beside
+        the others are left to the recall path, which reads them one at a time."""
+        self.join()
+        todo = [p for p in dict.fromkeys(pages) if p not in self._slot_of and p in self._on_disk]
+        if len(todo) < 2:
+            return
+        kept, self._predicted = self._predicted, self._predicted | frozenset(pages)
+        slots: list[int] = []
+        try:
+            for _ in todo:
+                slot = self._take_slot(avoid_predicted=True)
+                if slot is None:
+                    break
+                slots.append(slot)
+            todo = todo[: len(slots)]
+            if not todo:
+                return
+            with ThreadPoolExecutor(min(READERS, len(todo)), thread_name_prefix="flashmemory-fetch") as pool:
+                sizes = list(pool.map(lambda ps: self._pread(self._raw[ps[1]], ps[0] * self.record_stride),
+                                      zip(todo, slots)))
+        except BaseException:
+            self._free.extend(slots)
+            raise
+        finally:
+            self._predicted = kept
+        step = self._clock()
+        for page, slot, n in zip(todo, slots, sizes):
+            self.log.disk_read(n, step, "miss", page)
+            self._place(page, slot)
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, pages: list[int]) -> None:

@@ -97,6 +97,7 @@ class CycleScheduler:
         self.blocks.free(list(drop.values()))
         seq.table.assign(incoming, self.blocks.allocate(len(incoming)))
         partial = seq.length - n_pages * P
+        seq.host.fetch([page for page in incoming if page <= n_pages])
         with self.mover.copies():
             for page in incoming:
                 n = P if page < n_pages else (partial if page == n_pages else 0)
