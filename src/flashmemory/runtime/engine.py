@@ -31,8 +31,7 @@ from ..memory.spill import SpillError, SpilledMirror, check_spill_folder, min_ho
 from ..models.loader import Backbone, check_architecture
 from ..policies import DEFAULT_POLICY, BudgetError, SelectionPolicy, make_policy
 from ..policies.base import Eviction
-from ..policies.kvzip import REPEAT_PROMPT
-from .attention_mass import causal_attention, chunk_mass, token_attention
+from . import probes
 from .cache import ContextLengthError, TieredCache
 from .capture import ActivationRecorder, Activations
 from .conversation import Conversation, follow_up_ids
@@ -137,8 +136,9 @@ class LSAEngine:
         if self.engine_config.host_memory is not None:
             self.spill_dir = check_spill_folder(self.engine_config.spill_dir or tempfile.gettempdir())
             self._check_host_memory(self.config)
-        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool), self._lookahead,
-                                        self.layout.tiered, self._reconstruction,
+        self.scheduler = CycleScheduler(self.pool, self.blocks, PageMover(self.pool),
+                                        lambda seq: probes.lookahead(self, seq), self.layout.tiered,
+                                        lambda seq: probes.reconstruction(self, seq),
                                         prefetch_multiple=self.engine_config.prefetch_multiple)
         self.recorder = ActivationRecorder(model, keep_last=self.config.observation_window)
         self.waiting: deque[Sequence] = deque()
@@ -607,69 +607,6 @@ class LSAEngine:
             seq.release_prefill()
             raise
         return seq
-
-    # ------------------------------------------------------------------ oracle support
-    def _lookahead(self, seq: Sequence) -> torch.Tensor:
-        """Decode tau tokens ahead of `seq` over its whole history, record per-layer chunk attention, roll back.
-
-        Returns [steps, layers, chunks] attention mass of each future token. The tokens written
-        past the history are overwritten by the real decode (the host mirror's length is unchanged).
-        """
-        cfg, base = seq.config, seq.length
-        masses = []
-        token = seq.pending
-        saved_window = self._window_of(seq) if self.window_pool is not None else None
-        for i in range(min(cfg.tau, seq.max_length - base)):
-            token = int(self._dense(seq, [token], base + i).argmax())
-            per_layer = []
-            for row, q in enumerate(self.recorder.row(0).queries(list(self.layout.tiered))):
-                k = seq.host.keys[row, :, : base + i + 1].to(q.device)
-                per_layer.append(chunk_mass(token_attention(q, k), cfg.chunk_size)[0])
-            masses.append(torch.stack(per_layer).cpu())
-        if saved_window is not None:  # decoding ahead wrote into the rings: put them back
-            self._load_window(seq, saved_window)
-        n = base // cfg.chunk_size
-        return torch.stack([m[:, :n] for m in masses])
-
-    # ------------------------------------------------------------------ kvzip support
-    @torch.no_grad()
-    def _reconstruction(self, seq: Sequence) -> torch.Tensor:
-        """Ask the model to repeat `seq`'s history (`kvzip.REPEAT_PROMPT`, then the history's tokens,
-        teacher-forced over a copy of its KV) and return, per tiered layer, KV head and history token,
-        the most attention any reconstruction query gives it: [layers, kv_heads, length]. Its time is
-        added to `seq.scoring_seconds`; `seq` itself is untouched."""
-        t0 = time.perf_counter()
-        n = seq.length
-        history = seq.prompt_ids[:n]
-        repeat = (self.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"] if self.tokenizer is not None
-                  else []) + history
-        probe = Sequence(0, history + repeat, make_policy("full"), seq.config, SamplingParams(max_new_tokens=1),
-                         n + len(repeat))
-        probe.host = HostMirror(self.shape, n + len(repeat), pin=self.device.type == "cuda")
-        self._copy_history(seq.host, probe.host, n)
-        window = self._window_of(seq) if seq.window_slot is not None else None
-        best = torch.zeros(len(self.layout.tiered), self.shape.kv_heads, n)
-        recorder = ActivationRecorder(self.model, keep_all=True)
-        self._take_window(probe)
-        try:
-            if window is not None:
-                self._load_window(probe, window)
-            step = seq.config.prefill_chunk
-            for lo in range(n, len(probe.prompt_ids), step):
-                piece = probe.prompt_ids[lo: lo + step]
-                self._dense(probe, piece, lo)
-                probe.host.length = lo + len(piece)
-                queries = Activations(recorder.modules, recorder.inputs, recorder.cos, recorder.sin)
-                for row, q in enumerate(queries.queries(list(self.layout.tiered))):
-                    k = probe.host.k[row, :, : lo + len(piece)].to(q.device)
-                    for b in range(0, len(piece), 256):  # bounded memory: 256 queries at a time
-                        probs = causal_attention(q[b: b + 256], k, lo + b)[..., :n]
-                        best[row] = torch.maximum(best[row], probs.amax(dim=(1, 2)).cpu())
-        finally:
-            recorder.close()
-            self._drop_window(probe)
-        seq.scoring_seconds += time.perf_counter() - t0
-        return best
 
     # ------------------------------------------------------------------ follow-up prompts and saved contexts
     @torch.no_grad()
