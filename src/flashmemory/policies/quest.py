@@ -12,8 +12,8 @@ _BLOCK_CHUNKS = 128  # chunks whose keys one step of an index update reads
 class QuestIndex:
     """Per-chunk key min/max of every layer for one sequence, extended as chunks complete.
 
-    The bounds live in buffers that grow by doubling, so extending a long history's index by the
-    chunks of one cycle copies only those chunks, not the whole index.
+    The bounds live in buffers sized for every chunk the history can hold (its mirror's capacity), so
+    extending a long history's index by the chunks of one cycle writes only those chunks.
     """
 
     def __init__(self) -> None:
@@ -21,11 +21,11 @@ class QuestIndex:
         self._kmax: torch.Tensor | None = None
         self.chunks = 0
 
-    def _reserve(self, like: torch.Tensor, n: int) -> None:
+    def _reserve(self, like: torch.Tensor, n: int, capacity: int) -> None:
         if self._kmin is not None and self._kmin.shape[2] >= n:
             return
         L, H, _, D = like.shape
-        capacity = max(n, 2 * (0 if self._kmin is None else self._kmin.shape[2]))
+        capacity = max(n, capacity, 2 * (0 if self._kmin is None else self._kmin.shape[2]))
         kmin, kmax = like.new_empty((L, H, capacity, D)), like.new_empty((L, H, capacity, D))
         if self._kmin is not None:
             kmin[:, :, : self.chunks] = self._kmin[:, :, : self.chunks]
@@ -39,7 +39,7 @@ class QuestIndex:
             keys = host_keys[:, :, lo * chunk_size: hi * chunk_size].float()
             L, H, _, D = keys.shape
             blocks = keys.reshape(L, H, hi - lo, chunk_size, D)
-            self._reserve(keys, n)
+            self._reserve(keys, n, host_keys.shape[2] // chunk_size)
             torch.amin(blocks, 3, out=self._kmin[:, :, lo:hi])
             torch.amax(blocks, 3, out=self._kmax[:, :, lo:hi])
             self.chunks = hi
