@@ -1,4 +1,4 @@
-"""lsa's decode time per token against context length on Gemma-3-270m (hybrid sliding/global attention).
+"""Decode time per token against context length on Gemma-3-270m (hybrid sliding/global attention).
 
 The real Gemma-3-270m (`--model gemma3-270m`) and its shipped indexer decode at a 10% budget from
 histories of 4K to 32K tokens. A CPU prefill of 32K tokens takes the better part of an hour, so
@@ -10,6 +10,7 @@ boundary: selection, recall) once per round, contexts taking turns, so each sees
 the report gives the median over rounds and the ratio to the shortest context.
 
     python benchmarks/long_decode.py                                  # 4K, 8K, 16K, 32K; ~10 min on 2 cores
+    python benchmarks/long_decode.py --policy quest --out benchmarks/results/long_decode_gemma_quest
     python benchmarks/long_decode.py --contexts 4096 8192 --rounds 1
 """
 
@@ -51,6 +52,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32512])
     p.add_argument("--budget", type=float, default=0.10, help="resident share of the global layers' history")
+    p.add_argument("--policy", default="lsa", help="lsa (its shipped indexer keeps what it predicts, up to the "
+                   "budget) or a policy that fills the budget, e.g. quest")
     p.add_argument("--rounds", type=int, default=3, help="timed windows per context (their median is reported)")
     p.add_argument("--warmup", type=int, default=4, help="steps before timing (the first boundary builds the index)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "long_decode_gemma")
@@ -68,7 +71,7 @@ def main() -> None:
         seqs, times = {}, {c: [] for c in args.contexts}
         for i, (context, engine) in enumerate(engines.items()):
             history = synthetic_history(engine, context, room + 64, seed=i)
-            seqs[context] = engine.submit_prefilled(prefill_of(engine, history, context, room, seed=i), "lsa",
+            seqs[context] = engine.submit_prefilled(prefill_of(engine, history, context, room, seed=i), args.policy,
                                                     max_new_tokens=room, stop_at_eos=False)
             for _ in range(args.warmup):  # the first boundary: the key store over the whole history
                 engine.step()
@@ -89,7 +92,7 @@ def main() -> None:
     finally:
         for engine in engines.values():
             engine.close()
-    report = {"env": env, "model": MODEL, "budget": args.budget, "rows": rows, "target": 1.2}
+    report = {"env": env, "model": MODEL, "policy": args.policy, "budget": args.budget, "rows": rows, "target": 1.2}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = markdown(report, " ".join(sys.argv[1:]))
@@ -99,7 +102,7 @@ def main() -> None:
 
 def markdown(r: dict, argv: str) -> str:
     e = r["env"]
-    lines = [f"# lsa decode against context length: {r['model']}, {r['budget']:.0%} budget", "",
+    lines = [f"# {r['policy']} decode against context length: {r['model']}, {r['budget']:.0%} budget", "",
              f"`python benchmarks/long_decode.py {argv}`".replace(" `", "`"), "",
              f"{e['machine']}, {e['threads']} torch threads, torch {e['torch']}, load average at start "
              f"{e['load_average'][0]:.1f}, {e['date']}; the real model and shipped indexer, synthetic global-layer "
