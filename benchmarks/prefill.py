@@ -56,7 +56,7 @@ def time_transformers(model, ids: list[int]) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32767])  # 32,767 + one new token = the context
     ap.add_argument("--hf-lengths", type=int, nargs="*", default=[8192, 16384],
                     help="lengths at which transformers' forward also runs")
     ap.add_argument("--out", default="benchmarks/results/prefill_gemma")
