@@ -16,8 +16,9 @@ Prefetch: at a cycle boundary the scheduler names the pages the policy ranked ne
 decodes, evicting least recently used pages that are not predicted. The next access from the
 engine (the next boundary) first waits for that thread, so the mirror has one user at a time.
 Recalls that find a prefetched page count as prefetch hits; recalls that must read the file
-then are prefetch misses: the boundary reads them all before its recalls (`fetch`), several at once. Every disk read and write is logged in the
-sequence's `TransferLog` with its decode step and kind.
+then are prefetch misses, which the boundary reads all at once before its recalls (`fetch`,
+several reads in flight). Every disk read and write is logged in the sequence's `TransferLog`
+with its decode step and kind.
 
 The file is created at the first spill and removed by `close()` (the engine calls it when the
 sequence ends or is cancelled), or when the mirror is garbage-collected.
