@@ -164,7 +164,9 @@ def test_cli_eval(tmp_path, capsys):
                "full,recency", "--budget", "0.4", "--out", str(out), "--json-out", str(tmp_path / "x.json"), "--quiet"])
     assert rc == 0
     assert (out / "report.md").is_file() and (out / "accuracy_vs_resident.png").is_file()
-    assert json.loads((tmp_path / "x.json").read_text())["settings"]["policies"] == ["full", "recency"]
+    settings = json.loads((tmp_path / "x.json").read_text())["settings"]
+    assert settings["policies"] == ["full", "recency"]
+    assert settings["chat"] is True  # the default model has a chat template, so it is used unless --no-chat
     assert "Table 1" in capsys.readouterr().out
     assert main(["eval", "--tasks", "nope", "--out", str(out)]) == 2
     assert "flashmemory: error: unknown task" in capsys.readouterr().err

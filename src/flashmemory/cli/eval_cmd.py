@@ -47,8 +47,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
     add_model_option(p)
     p.add_argument("--device", default="cpu", help="compute device, e.g. cpu or cuda")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap prompts in the model's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the model's chat template (default: when the model has one, as the "
+                        "instruct default model does; a base model such as gemma3-270m gets raw text)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's answer length")
     add_options(p, LSAConfig, LSA_OPTIONS)
     add_options(p, EngineConfig, DISK_TIER_OPTIONS)
@@ -109,18 +110,19 @@ def run(args) -> int:
         policies, explicit = _policies(args.policies)
         policy_kwargs = {"lsa": {"checkpoint": args.indexer}} if args.indexer else {}
 
-        def settings_for(names: list[str]) -> EvalSettings:
+        def settings_for(names: list[str], chat: bool = True) -> EvalSettings:
             return EvalSettings(
                 tasks=args.tasks or preset["tasks"], length=args.length or preset["length"],
                 samples=args.samples or preset["samples"], policies=names, budgets=budgets, seed=args.seed,
-                chat=args.chat, config=config, max_new_tokens=args.max_new_tokens, policy_kwargs=policy_kwargs,
+                chat=chat, config=config, max_new_tokens=args.max_new_tokens, policy_kwargs=policy_kwargs,
                 data=DataPaths(args.longbench_v2, args.infinitebench, args.longmemeval))
 
         make_policies(settings_for(policies))  # an unknown policy fails here, before the model loads
         backbone = load_backbone(args.model, device=args.device)
         if not explicit:
             policies = _drop_unusable_lsa(policies, backbone.model, policy_kwargs.get("lsa", {}))
-        settings = settings_for(policies)
+        chat = args.chat if args.chat is not None else bool(getattr(backbone.tokenizer, "chat_template", None))
+        settings = settings_for(policies, chat)
         engine = LSAEngine(backbone, config, engine_config=engine_config)
         results = args.out / "results.jsonl"
         if args.fresh and results.exists():
