@@ -88,50 +88,52 @@ def test_small_cap_keeps_a_sparse_policys_tokens(setup, policy):
     assert capped.report.host_kv_bytes_peak <= cap
 
 
-def test_the_file_holds_exactly_the_spilled_pages(setup):
-    model, prompt, cap = setup
-    config = LSAConfig(prefill_chunk=CHUNK)
-    with LSAEngine(model, config) as engine:
-        ref = engine.prefill(prompt, max_new_tokens=8).host
-        with LSAEngine(model, config, engine_config=EngineConfig(host_memory=cap)) as capped:
-            host = capped.prefill(prompt, max_new_tokens=8).host
-            P, n = config.page_size, len(prompt)
-            spilled = host.spilled_pages
-            assert spilled and host.allocated_bytes <= cap
-            assert len(spilled) * P + host.nbytes // engine.shape.bytes_per_token >= n  # every page is somewhere
-            assert host.disk_bytes == len(spilled) * host.record_stride  # no other record takes room
-            with open(host.path, "rb") as f:
-                for page in spilled:
-                    f.seek(page * host.record_stride)
-                    raw = bytearray(f.read(host.page_bytes))
-                    record = torch.frombuffer(raw, dtype=engine.shape.dtype).view(2, *ref.k.shape[:2], P, -1)
-                    hi = min(P, n - page * P)
-                    assert torch.equal(record[0, :, :, :hi], ref.k[:, :, page * P: page * P + hi])
-                    assert torch.equal(record[1, :, :, :hi], ref.v[:, :, page * P: page * P + hi])
-            path = host.path
-            host.close()
-            assert not path.exists()
-
-
-def test_a_boundary_fetches_its_missing_pages_at_once_and_exactly(setup):
-    model, prompt, cap = setup
+def prefilled_hosts(model, prompt, cap):
+    """The prompt's prefilled host mirror all in RAM, and under the host cap `cap`."""
     config = LSAConfig(prefill_chunk=CHUNK)
     with LSAEngine(model, config) as engine:
         ref = engine.prefill(prompt, max_new_tokens=8).host
     with LSAEngine(model, config, engine_config=EngineConfig(host_memory=cap)) as capped:
         host = capped.prefill(prompt, max_new_tokens=8).host
-        P = config.page_size
-        cold = [p for p in host.spilled_pages if (p + 1) * P <= len(prompt)][:6]
-        before = host.nbytes
-        host.fetch(cold + cold[:2])  # repeated pages are read once
-        assert host.log.prefetch_misses == len(cold) and host.allocated_bytes <= cap and host.nbytes >= before
-        reads = host.log.disk_reads
-        for page in cold:  # now served from the host, with the content the in-RAM mirror holds
-            k, v = host.span(page * P, P, recall=True)
-            assert torch.equal(k, ref.k[:, :, page * P: (page + 1) * P])
-            assert torch.equal(v, ref.v[:, :, page * P: (page + 1) * P])
-        assert host.log.disk_reads == reads
-        host.close()
+    return ref, host
+
+
+def test_the_file_holds_exactly_the_spilled_pages(setup):
+    model, prompt, cap = setup
+    ref, host = prefilled_hosts(model, prompt, cap)
+    P, n = host.page_size, len(prompt)
+    spilled = host.spilled_pages
+    assert spilled and host.allocated_bytes <= cap
+    assert len(spilled) * P + host.nbytes // host.shape.bytes_per_token >= n  # every page is somewhere
+    assert host.disk_bytes == len(spilled) * host.record_stride  # no other record takes room
+    with open(host.path, "rb") as f:
+        for page in spilled:
+            f.seek(page * host.record_stride)
+            raw = bytearray(f.read(host.page_bytes))
+            record = torch.frombuffer(raw, dtype=host.shape.dtype).view(2, *ref.k.shape[:2], P, -1)
+            hi = min(P, n - page * P)
+            assert torch.equal(record[0, :, :, :hi], ref.k[:, :, page * P: page * P + hi])
+            assert torch.equal(record[1, :, :, :hi], ref.v[:, :, page * P: page * P + hi])
+    path = host.path
+    host.close()
+    assert not path.exists()
+
+
+def test_a_boundary_fetches_its_missing_pages_at_once_and_exactly(setup):
+    model, prompt, cap = setup
+    ref, host = prefilled_hosts(model, prompt, cap)
+    P = host.page_size
+    cold = [p for p in host.spilled_pages if (p + 1) * P <= len(prompt)][:6]
+    before = host.nbytes
+    host.fetch(cold + cold[:2])  # repeated pages are read once
+    assert host.log.prefetch_misses == len(cold) and host.allocated_bytes <= cap and host.nbytes >= before
+    reads = host.log.disk_reads
+    for page in cold:  # now served from the host, with the content the in-RAM mirror holds
+        k, v = host.span(page * P, P, recall=True)
+        assert torch.equal(k, ref.k[:, :, page * P: (page + 1) * P])
+        assert torch.equal(v, ref.v[:, :, page * P: (page + 1) * P])
+    assert host.log.disk_reads == reads
+    host.close()
 
 
 def test_prefetch_never_blocks_a_step_inside_a_cycle(setup):
