@@ -28,24 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import synthetic_history  # noqa: E402
+from synthetic import synthetic_history, synthetic_prefill  # noqa: E402
 
-from flashmemory import LSAConfig, LSAEngine, Prefill, load_backbone  # noqa: E402
-from flashmemory.memory.pools import HostMirror  # noqa: E402
+from flashmemory import LSAConfig, LSAEngine, load_backbone  # noqa: E402
 
 MODEL = "gemma3-270m"
-
-
-def prefill_of(engine: LSAEngine, history, context: int, room: int, seed: int) -> Prefill:
-    """A synthetic prefill of `context` tokens: the history's K/V, random sliding rings, real activations."""
-    one = engine.prefill([engine.tokenizer.bos_token_id], max_new_tokens=1)
-    host = HostMirror.over(engine.shape, history[0], history[1], context)
-    window = None
-    if one.window is not None:
-        gen = torch.Generator().manual_seed(seed)
-        window = tuple(torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in one.window)
-    return Prefill(host, [engine.tokenizer.bos_token_id] * context, one.logits, one.activations, 0.0, room, 0,
-                   window=window)
 
 
 def main() -> None:
@@ -71,7 +58,7 @@ def main() -> None:
         seqs, times = {}, {c: [] for c in args.contexts}
         for i, (context, engine) in enumerate(engines.items()):
             history = synthetic_history(engine, context, room + 64, seed=i)
-            seqs[context] = engine.submit_prefilled(prefill_of(engine, history, context, room, seed=i), args.policy,
+            seqs[context] = engine.submit_prefilled(synthetic_prefill(engine, history, context, room, seed=i), args.policy,
                                                     max_new_tokens=room, stop_at_eos=False)
             for _ in range(args.warmup):  # the first boundary: the key store over the whole history
                 engine.step()

@@ -65,11 +65,16 @@ def synthetic_history(engine: LSAEngine, context: int, room: int, seed: int = 0)
 
 
 def synthetic_prefill(engine: LSAEngine, history: tuple[torch.Tensor, torch.Tensor], context: int,
-                      max_new_tokens: int) -> Prefill:
-    """A prefill of `context` synthetic tokens over a shared history (one per decoding sequence)."""
-    seed = engine.prefill([1], max_new_tokens=1)  # real activations and logits of one token
+                      max_new_tokens: int, seed: int = 0) -> Prefill:
+    """A prefill of `context` synthetic tokens over a shared history (one per decoding sequence); on a
+    hybrid model the sliding layers' rings hold random K/V."""
+    one = engine.prefill([1], max_new_tokens=1)  # real activations and logits of one token
     host = HostMirror.over(engine.shape, history[0], history[1], context)
-    return Prefill(host, [1] * context, seed.logits, seed.activations, 0.0, max_new_tokens, 0)
+    window = None
+    if one.window is not None:
+        gen = torch.Generator().manual_seed(seed)
+        window = tuple(torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in one.window)
+    return Prefill(host, [1] * context, one.logits, one.activations, 0.0, max_new_tokens, 0, window=window)
 
 
 def synchronize(device: torch.device) -> None:
