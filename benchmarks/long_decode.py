@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import synthetic_history, synthetic_prefill  # noqa: E402
 
 from flashmemory import LSAConfig, LSAEngine, load_backbone  # noqa: E402
+from flashmemory.policies import policy_names  # noqa: E402
 
 MODEL = "gemma3-270m"
 
@@ -39,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32512])
     p.add_argument("--budget", type=float, default=0.10, help="resident share of the global layers' history")
-    p.add_argument("--policy", default="lsa", help="lsa (its shipped indexer keeps what it predicts, up to the "
+    p.add_argument("--policy", default="lsa", choices=[n for n in policy_names() if n != "deepseek-lsa"], help="lsa (its shipped indexer keeps what it predicts, up to the "
                    "budget) or a policy that fills the budget, e.g. quest")
     p.add_argument("--rounds", type=int, default=3, help="timed windows per context (their median is reported)")
     p.add_argument("--warmup", type=int, default=4, help="steps before timing (the first boundary builds the index)")
