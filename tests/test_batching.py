@@ -8,7 +8,7 @@ import torch
 from flashmemory import (AdmissionError, EngineConfig, GenerationOptionsError, LSAConfig, LSAEngine, PromptError,
                          SamplingParams)
 
-from tiny import random_prompts, tiny_model
+from tiny import hf_greedy, random_prompts, tiny_model
 
 NEW = 70
 
@@ -186,3 +186,30 @@ def test_hybrid_model_keeps_only_windows_on_the_device_and_tiers_global_layers()
     assert report.device_window_bytes == 64 * 2 * 2 * 1 * 16 * 4  # window * (K, V) * sliding layers * kv * dim * fp32
     assert report.resident_fraction_max <= 0.25
     assert 0 < report.model_kv_share < 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decode_tokens_share_the_prompt_pieces_forward_and_still_match_transformers(arch):
+    model = tiny_model(arch)  # gemma3: a 64-token window, so pieces past the first mask their window explicitly
+    short, long = random_prompts((200, 1500))
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        with LSAEngine(model, LSAConfig(budget=1.0, prefill_chunk=256)) as engine:
+            running = engine.submit(short, "full", max_new_tokens=40, stop_at_eos=False)
+            engine.step()
+            late = engine.submit(long, "full", max_new_tokens=12, stop_at_eos=False)
+            shared = 0
+            while late.prefilled < len(long):
+                before, calls = len(running.output_ids), len(forwards)
+                engine.step()
+                assert len(forwards) == calls + 1  # one forward per step: the decode token rides with the piece
+                shared += len(running.output_ids) - before
+            engine.run([running, late])
+    finally:
+        hook.remove()
+    assert shared == 6  # 1500 tokens in pieces of 256 - 1 decode token
+    assert (1, 256) in forwards
+    assert engine.result(running).token_ids == hf_greedy(model, short, 40)
+    assert engine.result(late).token_ids == hf_greedy(model, long, 12)

@@ -1,13 +1,16 @@
 """The tiered KV cache as a transformers `Cache`: one layer object per attention layer, and a
 step plan that says what the coming forward does.
 
-Two kinds of forward:
+Three kinds of forward:
   - dense (a prefill piece, or the oracle decoding ahead) for one sequence: its new K/V go to
     its host mirror and the layer attends over its whole history, one layer at a time, so device
     memory for KV never exceeds one layer of that history;
   - decode, one token for each of B sequences: each row's new K/V go to its open page in the
     shared device pool, and the layer attends over the row's resident pages and open region,
-    gathered in history order (rows of different lengths are padded and masked).
+    gathered in history order (rows of different lengths are padded and masked);
+  - mixed: both in one forward, the B decode tokens then the piece packed in one row, so the
+    linear layers run once for all of them; each layer returns `Segments` and
+    `mixed_attention.segmented_attention` attends per segment.
 Two kinds of layer: a `TieredLayer` (global attention) works as above; a `WindowLayer` (sliding
 attention, hybrid models) keeps only its last `window` tokens, in a ring of one slot per sequence
 in the window pool, and attends over them: its cost stays flat however long the history.
@@ -53,6 +56,36 @@ class StepPlan:
     window_gather: torch.Tensor | None = None  # decode: ring positions each row attends to [B, window_length]
 
 
+@dataclass
+class MixedPlan:
+    """A mixed forward: the decode rows' plan, then a dense piece's plan, packed as one row of tokens."""
+
+    decode: StepPlan
+    dense: StepPlan
+
+    @property
+    def rows(self) -> int:
+        """Decode tokens packed before the piece."""
+        return len(self.decode.seqs)
+
+
+@dataclass
+class Segments:
+    """What a layer's `update` returns in a mixed forward: the decode rows' keys (or values)
+    [B, kv_heads, T, head_dim] with their mask, then the piece's [1, kv_heads, n, head_dim] with its."""
+
+    decode: torch.Tensor
+    piece: torch.Tensor
+    decode_mask: torch.Tensor | None = None
+    piece_mask: torch.Tensor | None = None
+
+
+def _pick_mask(mask: torch.Tensor | dict | None, sliding: bool) -> torch.Tensor | None:
+    if isinstance(mask, dict):
+        return mask["sliding_attention" if sliding else "full_attention"]
+    return mask
+
+
 class _PlannedLayer(CacheLayerMixin):
     """A layer that does what the cache's step plan says; `row` is its index among the layers of its kind."""
 
@@ -66,7 +99,7 @@ class _PlannedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Storage (the device pools, the sequences' host mirrors) is allocated up front."""
 
-    def _plan(self) -> StepPlan:
+    def _plan(self) -> StepPlan | MixedPlan:
         if self.cache.plan is None:
             raise RuntimeError("TieredCache used without a step plan: run it through LSAEngine or LSACache")
         return self.cache.plan
@@ -75,7 +108,24 @@ class _PlannedLayer(CacheLayerMixin):
         plan = self.cache.plan
         if plan is None:
             return 0
+        if isinstance(plan, MixedPlan):
+            plan = plan.dense
         return plan.start if plan.dense else plan.seqs[0].length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        plan = self._plan()
+        if isinstance(plan, MixedPlan):  # [1, kv_heads, B + n, head_dim]: B decode tokens, then the piece
+            b = plan.rows
+            rows_k = key_states[0, :, :b].transpose(0, 1).unsqueeze(2)
+            rows_v = value_states[0, :, :b].transpose(0, 1).unsqueeze(2)
+            k, v = self._decode(plan.decode, rows_k, rows_v)
+            pk, pv = self._dense(plan.dense, key_states[:, :, b:], value_states[:, :, b:])
+            keys = Segments(k, pk, _pick_mask(plan.decode.attention_mask, self.is_sliding),
+                            _pick_mask(plan.dense.attention_mask, self.is_sliding))
+            return keys, Segments(v, pv)
+        if plan.dense:
+            return self._dense(plan, key_states, value_states)
+        return self._decode(plan, key_states, value_states)
 
     def reset(self) -> None:
         """Sequences own their state; there is nothing per layer to reset."""
@@ -86,18 +136,20 @@ class TieredLayer(_PlannedLayer):
 
     is_sliding = False
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        plan, pool = self._plan(), self.cache.pool
-        if plan.dense:
-            seq = plan.seqs[0]
-            seq.host.write(self.row, plan.start, key_states[0], value_states[0])
-            k, v = seq.host.layer_view(self.row, plan.start + plan.q_len)
-            if plan.attend is not None:  # only the kept history (an eviction policy's follow-up prompt)
-                k, v = k.index_select(2, plan.attend), v.index_select(2, plan.attend)
-            if pool.device.type != "cpu":  # one layer of this history visits the device at a time
-                k, v = k.to(pool.device, non_blocking=True), v.to(pool.device, non_blocking=True)
-            seq.memory.dense_device_peak = max(seq.memory.dense_device_peak, k.nbytes + v.nbytes)
-            return k, v
+    def _dense(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
+        pool = self.cache.pool
+        seq = plan.seqs[0]
+        seq.host.write(self.row, plan.start, key_states[0], value_states[0])
+        k, v = seq.host.layer_view(self.row, plan.start + plan.q_len)
+        if plan.attend is not None:  # only the kept history (an eviction policy's follow-up prompt)
+            k, v = k.index_select(2, plan.attend), v.index_select(2, plan.attend)
+        if pool.device.type != "cpu":  # one layer of this history visits the device at a time
+            k, v = k.to(pool.device, non_blocking=True), v.to(pool.device, non_blocking=True)
+        seq.memory.dense_device_peak = max(seq.memory.dense_device_peak, k.nbytes + v.nbytes)
+        return k, v
+
+    def _decode(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
+        pool = self.cache.pool
         pool.write_rows(self.row, plan.write_pos, key_states, value_states)
         k, v = self.cache.scratch(len(plan.seqs), plan.kv_length)
         pool.gather(self.row, plan.gather, k, v)
@@ -115,16 +167,18 @@ class WindowLayer(_PlannedLayer):
 
     is_sliding = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        plan, pool = self._plan(), self.cache.window_pool
+    def _dense(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
+        pool = self.cache.window_pool
         k_ring, v_ring = pool.k[self.row], pool.v[self.row]
-        if plan.dense:
-            k = torch.cat([k_ring[:, plan.window_read][None], key_states], dim=2)  # the window before, then the new
-            v = torch.cat([v_ring[:, plan.window_read][None], value_states], dim=2)
-            m = plan.window_store.numel()
-            k_ring.index_copy_(1, plan.window_store, key_states[0, :, -m:])
-            v_ring.index_copy_(1, plan.window_store, value_states[0, :, -m:])
-            return k, v
+        k = torch.cat([k_ring[:, plan.window_read][None], key_states], dim=2)  # the window before, then the new
+        v = torch.cat([v_ring[:, plan.window_read][None], value_states], dim=2)
+        m = plan.window_store.numel()
+        k_ring.index_copy_(1, plan.window_store, key_states[0, :, -m:])
+        v_ring.index_copy_(1, plan.window_store, value_states[0, :, -m:])
+        return k, v
+
+    def _decode(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
+        pool = self.cache.window_pool
         pool.write_rows(self.row, plan.window_write, key_states, value_states)
         k, v = self.cache.scratch(len(plan.seqs), plan.window_length)
         pool.gather(self.row, plan.window_gather, k, v)
@@ -241,11 +295,31 @@ class TieredCache(Cache):
             masks["sliding_attention"] = (torch.arange(T)[None] < torch.tensor(lengths)[:, None])[:, None, None, :].to(device)
         plan.attention_mask = masks if any(m is not None for m in masks.values()) else None
 
+    def plan_mixed(self, seqs: list[Sequence], seq: Sequence, start: int, n: int) -> MixedPlan:
+        """One decode token for every sequence in `seqs`, then n prompt tokens of `seq` at `start`, in one forward."""
+        dense = self.plan_dense(seq, start, n)
+        decode = self.plan_decode(seqs)
+        device = self.pool.device
+        q = torch.arange(start, start + n)[:, None]
+        causal = None if start == 0 else (torch.arange(start + n)[None] <= q)[None, None].to(device)
+        dense.attention_mask = causal
+        if self.window_pool is not None:
+            W = self.window_pool.page_size
+            kv = torch.arange(dense.window_offset, start + n)[None]
+            sliding = None
+            if start > 0 or n > W:
+                sliding = ((kv <= q) & (kv > q - W))[None, None].to(device)
+            dense.attention_mask = {"full_attention": causal, "sliding_attention": sliding}
+        self.plan = MixedPlan(decode, dense)
+        return self.plan
+
     def finish_decode(self) -> None:
-        """Commit the decode step: every row's history grew by one token; sample the measured bytes."""
+        """Commit the decode step (of a mixed one: its decode rows): every row's history grew by one token;
+        sample the measured bytes."""
+        plan = self.plan.decode if isinstance(self.plan, MixedPlan) else self.plan
         page_bytes = self.pool.page_bytes
         window_bytes = self.window_pool.page_bytes if self.window_pool is not None else 0
-        for s in self.plan.seqs:
+        for s in plan.seqs:
             s.length += 1
             s.step += 1
             s.cycle_step += 1

@@ -74,7 +74,8 @@ class Activations:
 
 class ActivationRecorder:
     """Keeps each attention layer's input and rotary cos/sin for the last `keep_last` tokens of every row
-    (or, with `keep_all`, for every token of row 0) of the latest forward.
+    (or, with `keep_all`, for every token of row 0; or, after `keep_tokens`, for those tokens of row 0)
+    of the latest forward.
 
     Layers may use different rotary tables (hybrid models rotate sliding and global layers
     differently), so cos/sin are kept per layer.
@@ -84,6 +85,7 @@ class ActivationRecorder:
         self.modules = attention_modules(model)
         self.keep_all = keep_all
         self.keep_last = keep_last
+        self.tokens: torch.Tensor | None = None
         n = len(self.modules)
         self.inputs: list[torch.Tensor | None] = [None] * n
         self.cos: list[torch.Tensor | None] = [None] * n
@@ -92,7 +94,14 @@ class ActivationRecorder:
                          for i, m in enumerate(self.modules)]
 
     def _pick(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens is not None:
+            return x[0, self.tokens.to(x.device)].detach()
         return (x[0] if self.keep_all else x[:, -self.keep_last:]).detach().clone()
+
+    def keep_tokens(self, tokens: torch.Tensor | None) -> None:
+        """Keep these token positions of row 0 in the coming forwards (None: back to the default); read
+        them with `kept`."""
+        self.tokens = tokens
 
     def _hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -107,6 +116,14 @@ class ActivationRecorder:
             raise RuntimeError("no forward pass recorded yet")
         return Activations(self.modules, [x[b] for x in self.inputs], [c[b] for c in self.cos],
                            [s[b] for s in self.sin])
+
+    def kept(self, lo: int, hi: int) -> Activations:
+        """Entries lo:hi of the tokens chosen by `keep_tokens`, in the latest forward."""
+        if self.tokens is None or self.cos[0] is None:
+            raise RuntimeError("no forward recorded with keep_tokens")
+        r = slice(lo, hi)
+        return Activations(self.modules, [x[r] for x in self.inputs], [c[r] for c in self.cos],
+                           [s[r] for s in self.sin])
 
     def close(self) -> None:
         for h in self._handles:

@@ -3,10 +3,12 @@
 Each call of `step()` is one scheduler iteration (continuous batching):
   1. admit waiting sequences whose device pages fit the pool (their reservation: the resident
      cap for a sparse policy, the whole cache for `full`), in arrival order;
-  2. run one prefill piece (`LSAConfig.prefill_chunk` tokens) of the oldest sequence still
-     prefilling, so a long prompt never stalls the running decodes for more than one piece;
-  3. run one decode token for every decoding sequence in a single batched forward (per-row
-     positions, resident sets and lengths); cycles start per sequence where due.
+  2. start the cycles that are due (per sequence);
+  3. run one forward with a decode token for every decoding sequence (per-row positions, resident
+     sets and lengths) and one prompt piece of the oldest sequence still prefilling, packed in one
+     row (runtime/mixed_attention.py): the piece is `LSAConfig.prefill_chunk` tokens less the
+     decode tokens beside it, so a long prompt never stalls the running decodes for more than one
+     chunk's forward, and the decodes cost the linear layers almost nothing extra.
 Sequences join and leave between steps. `generate` submits prompts and steps until they end.
 `prefill` + `decode` share one prefill among several decodes (what policy comparisons use).
 """
@@ -36,6 +38,7 @@ from .cache import ContextLengthError, TieredCache
 from .capture import ActivationRecorder, Activations
 from .conversation import Conversation, follow_up_ids
 from .cycles import CycleScheduler
+from .mixed_attention import can_pack, packed_attention
 from .report import GenerationReport, GenerationResult
 from .sampling import GenerationOptionsError, SamplingParams, sample
 from .sequence import Sequence, Status, TokenEvent
@@ -145,6 +148,7 @@ class LSAEngine:
         self.running: list[Sequence] = []
         self._next_id = 0
         self._eos = self._eos_ids()
+        self._packable = can_pack(model)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -262,16 +266,20 @@ class LSAEngine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One scheduler iteration: admit, one prefill piece, one batched decode token."""
+        """One scheduler iteration: admit, start the cycles that are due, then one decode token for every
+        decoding sequence and one prompt piece of the oldest sequence still prefilling, in one forward."""
         self._admit()
-        prefilling = next((s for s in self.running if s.status is Status.PREFILL), None)
-        if prefilling is not None:
-            self._guard(prefilling, self._prefill_piece, prefilling)
         decoding = [s for s in self.running if s.status is Status.DECODE]
         for seq in decoding:
             if self.scheduler.due(seq):
                 self._guard(seq, self.scheduler.start_cycle, seq)
         decoding = [s for s in decoding if not s.finished]
+        prefilling = next((s for s in self.running if s.status is Status.PREFILL), None)
+        if prefilling is not None and decoding and self._packable:
+            self._mixed(decoding, prefilling)
+            return
+        if prefilling is not None:
+            self._guard(prefilling, self._prefill_piece, prefilling)
         if decoding:
             self._decode(decoding)
 
@@ -366,21 +374,29 @@ class LSAEngine:
             self.cache.plan = None
         return out.logits[0, -1]
 
+    def _piece(self, seq: Sequence, rows: int) -> tuple[int, int]:
+        """The prompt span of `seq`'s next piece: `prefill_chunk` tokens, less the `rows` decode tokens
+        that share its forward (but at least half a chunk, so prompts keep moving beside many decodes)."""
+        chunk = seq.config.prefill_chunk
+        size = chunk if rows == 0 else max(chunk - rows, (chunk + 1) // 2)
+        return seq.prefilled, min(seq.prefilled + size, len(seq.prompt_ids))
+
     def _prefill_piece(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
-        lo = seq.prefilled
-        hi = min(lo + seq.config.prefill_chunk, len(seq.prompt_ids))
+        lo, hi = self._piece(seq, 0)
         logits = self._dense(seq, seq.prompt_ids[lo:hi], lo)
+        self._prefilled(seq, hi, logits, self.recorder.row(0), time.perf_counter() - t0)
+
+    def _prefilled(self, seq: Sequence, hi: int, logits: torch.Tensor, activations: Activations,
+                   seconds: float) -> None:
+        """Commit a piece that ended at prompt position `hi`; the last piece samples the first token."""
         seq.prefilled = seq.length = seq.host.length = hi
         seq.memory.sample(0, 0, seq.host.nbytes, seq.full_kv_bytes)
-        seq.activations = self._observe(seq.activations, self.recorder.row(0))
-        token = None
+        seq.activations = self._observe(seq.activations, activations)
+        seq.prefill_seconds += seconds
         if hi == len(seq.prompt_ids):
             seq.status = Status.DECODE
-            token = sample(logits.float(), seq.sampling, seq.sampler)
-        seq.prefill_seconds += time.perf_counter() - t0
-        if token is not None:
-            self._emit(seq, token)
+            self._emit(seq, sample(logits.float(), seq.sampling, seq.sampler))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
@@ -392,14 +408,54 @@ class LSAEngine:
             self.cache.finish_decode()
         finally:
             self.cache.plan = None
-        logits = out.logits[:, -1]
+        self._decoded(seqs, out.logits[:, -1], [self.recorder.row(b) for b in range(len(seqs))],
+                      1000.0 * (time.perf_counter() - t0))
+
+    def _mixed(self, seqs: list[Sequence], prefilling: Sequence) -> None:
+        """One forward for a decode token of every sequence in `seqs` and the next piece of `prefilling`,
+        packed in one row (runtime/mixed_attention.py). If it fails, the piece's sequence ends with the
+        error and the decode tokens run on their own."""
+        t0 = time.perf_counter()
+        b = len(seqs)
+        lo, hi = self._piece(prefilling, b)
+        n = hi - lo
+        tail = min(n, self.recorder.keep_last)
+        self.recorder.keep_tokens(torch.cat([torch.arange(b), torch.arange(b + n - tail, b + n)]))
+        failure = None
+        try:
+            plan = self.cache.plan_mixed(seqs, prefilling, lo, n)
+            positions = torch.cat([plan.decode.position_ids[:, 0], plan.dense.position_ids[0]])[None]
+            ids = [s.pending for s in seqs] + prefilling.prompt_ids[lo:hi]
+            with packed_attention(self.model):
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=positions,
+                                 past_key_values=self.cache, use_cache=True,
+                                 logits_to_keep=torch.tensor(list(range(b)) + [b + n - 1], device=self.device))
+            self.cache.finish_decode()
+            rows = [self.recorder.kept(i, i + 1) for i in range(b)]
+            piece = self.recorder.kept(b, b + tail)
+        except (BudgetError, ContextLengthError, ValueError, RuntimeError) as exc:
+            failure = exc
+        finally:
+            self.cache.plan = None
+            self.recorder.keep_tokens(None)
+        if failure is not None:
+            prefilling.error = failure
+            self._finish(prefilling, "error")
+            self._decode(seqs)
+            return
+        seconds = time.perf_counter() - t0
+        logits = out.logits[0]
+        self._prefilled(prefilling, hi, logits[b], piece, seconds)
+        self._decoded(seqs, logits[:b], rows, 1000.0 * seconds)
+
+    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor, activations: list[Activations], ms: float) -> None:
+        """Sample and emit one token per sequence from its row of `logits` [B, vocab]."""
         if all(s.sampling.greedy for s in seqs):
             tokens = logits.argmax(-1).tolist()  # one synchronisation for the batch
         else:
             tokens = [sample(logits[b], s.sampling, s.sampler) for b, s in enumerate(seqs)]
-        ms = 1000.0 * (time.perf_counter() - t0)
-        for b, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.activations = self.recorder.row(b)
+        for seq, token, acts in zip(seqs, tokens, activations):
+            seq.activations = acts
             seq.decode_ms.append(ms)
             self._emit(seq, token)
 
