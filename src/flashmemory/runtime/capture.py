@@ -95,12 +95,12 @@ class ActivationRecorder:
 
     def _pick(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens is not None:
-            return x[0, self.tokens.to(x.device)].detach()
+            return x[0, self.tokens].detach()
         return (x[0] if self.keep_all else x[:, -self.keep_last:]).detach().clone()
 
     def keep_tokens(self, tokens: torch.Tensor | None) -> None:
-        """Keep these token positions of row 0 in the coming forwards (None: back to the default); read
-        them with `kept`."""
+        """Keep these token positions of row 0 (a tensor on the model's device) in the coming forwards
+        (None: back to the default); read them with `kept`."""
         self.tokens = tokens
 
     def _hook(self, layer: int):

@@ -420,7 +420,7 @@ class LSAEngine:
         lo, hi = self._piece(prefilling, b)
         n = hi - lo
         tail = min(n, self.recorder.keep_last)
-        self.recorder.keep_tokens(torch.cat([torch.arange(b), torch.arange(b + n - tail, b + n)]))
+        self.recorder.keep_tokens(torch.cat([torch.arange(b), torch.arange(b + n - tail, b + n)]).to(self.device))
         failure = None
         try:
             plan = self.cache.plan_mixed(seqs, prefilling, lo, n)
