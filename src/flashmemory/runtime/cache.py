@@ -127,6 +127,18 @@ class _PlannedLayer(CacheLayerMixin):
             return self._dense(plan, key_states, value_states)
         return self._decode(plan, key_states, value_states)
 
+    def _rows(self, plan: StepPlan) -> tuple[DevicePool, torch.Tensor, torch.Tensor, int]:
+        """A decode plan's pool for this kind of layer, each row's write position, gather index and padded length."""
+        raise NotImplementedError
+
+    def _decode(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write each row's new token to the pool; gather the keys and values every row attends to."""
+        pool, write, index, length = self._rows(plan)
+        pool.write_rows(self.row, write, key_states, value_states)
+        k, v = self.cache.scratch(len(plan.seqs), length)
+        pool.gather(self.row, index, k, v)
+        return k, v
+
     def reset(self) -> None:
         """Sequences own their state; there is nothing per layer to reset."""
 
@@ -148,12 +160,8 @@ class TieredLayer(_PlannedLayer):
         seq.memory.dense_device_peak = max(seq.memory.dense_device_peak, k.nbytes + v.nbytes)
         return k, v
 
-    def _decode(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
-        pool = self.cache.pool
-        pool.write_rows(self.row, plan.write_pos, key_states, value_states)
-        k, v = self.cache.scratch(len(plan.seqs), plan.kv_length)
-        pool.gather(self.row, plan.gather, k, v)
-        return k, v
+    def _rows(self, plan: StepPlan) -> tuple[DevicePool, torch.Tensor, torch.Tensor, int]:
+        return self.cache.pool, plan.write_pos, plan.gather, plan.kv_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.plan.kv_length, 0
@@ -177,12 +185,8 @@ class WindowLayer(_PlannedLayer):
         v_ring.index_copy_(1, plan.window_store, value_states[0, :, -m:])
         return k, v
 
-    def _decode(self, plan: StepPlan, key_states: torch.Tensor, value_states: torch.Tensor):
-        pool = self.cache.window_pool
-        pool.write_rows(self.row, plan.window_write, key_states, value_states)
-        k, v = self.cache.scratch(len(plan.seqs), plan.window_length)
-        pool.gather(self.row, plan.window_gather, k, v)
-        return k, v
+    def _rows(self, plan: StepPlan) -> tuple[DevicePool, torch.Tensor, torch.Tensor, int]:
+        return self.cache.window_pool, plan.window_write, plan.window_gather, plan.window_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.plan.window_length, self.cache.plan.window_offset
