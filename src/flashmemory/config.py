@@ -37,7 +37,7 @@ class LSAConfig:
     threshold: float = field(default=0.5, metadata={"help": "score above which a learned policy wants a chunk"})
     prefill_chunk: int = field(default=2048, metadata={
         "help": "tokens per prefill forward; when sequences decode beside a piece, their tokens share "
-                "the forward and the piece shrinks by as many (to half a chunk at least)"})
+                "the forward, and the piece shrinks by as many and as its history grows (runtime/engine.py)"})
     seed: int = field(default=0, metadata={"help": "seed of the random policy"})
     observation_window: int = field(default=32, metadata={
         "help": "last prompt tokens whose attention inputs are kept after a prefill (snapkv's observation window)"})

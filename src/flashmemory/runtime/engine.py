@@ -38,7 +38,7 @@ from .cache import ContextLengthError, TieredCache
 from .capture import ActivationRecorder, Activations
 from .conversation import Conversation, follow_up_ids
 from .cycles import CycleScheduler
-from .mixed_attention import can_pack, packed_attention
+from .mixed_attention import PieceCost, can_pack, packed_attention
 from .report import GenerationReport, GenerationResult
 from .sampling import GenerationOptionsError, SamplingParams, sample
 from .sequence import Sequence, Status, TokenEvent
@@ -149,6 +149,7 @@ class LSAEngine:
         self._next_id = 0
         self._eos = self._eos_ids()
         self._packable = can_pack(model)
+        self.piece_cost = PieceCost.of(model, self.layout)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -375,11 +376,15 @@ class LSAEngine:
         return out.logits[0, -1]
 
     def _piece(self, seq: Sequence, rows: int) -> tuple[int, int]:
-        """The prompt span of `seq`'s next piece: `prefill_chunk` tokens, less the `rows` decode tokens
-        that share its forward (but at least half a chunk, so prompts keep moving beside many decodes)."""
-        chunk = seq.config.prefill_chunk
-        size = chunk if rows == 0 else max(chunk - rows, (chunk + 1) // 2)
-        return seq.prefilled, min(seq.prefilled + size, len(seq.prompt_ids))
+        """The prompt span of `seq`'s next piece: `prefill_chunk` tokens alone. Beside `rows` decode tokens,
+        the chunk less those tokens (at least half a chunk, so prompts keep moving beside many decodes),
+        then shrunk to cost what it would at the prompt's start (at least a quarter chunk): every step a
+        decode token waits on then takes about as long, early or late in a long prompt."""
+        chunk, start = seq.config.prefill_chunk, seq.prefilled
+        size = chunk
+        if rows:
+            size = max(self.piece_cost.tokens(max(chunk - rows, (chunk + 1) // 2), start), (chunk + 3) // 4)
+        return start, min(start + size, len(seq.prompt_ids))
 
     def _prefill_piece(self, seq: Sequence) -> None:
         t0 = time.perf_counter()

@@ -12,13 +12,16 @@ function, so transformers builds no mask for that forward: the masks come from t
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..memory.pools import LayerLayout, text_config
 from .cache import Segments
 
 NAME = "flashmemory_segmented"
@@ -52,3 +55,36 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = before
+
+
+@dataclass(frozen=True)
+class PieceCost:
+    """Floating-point work of a prompt piece, to keep mixed steps equally long along a prompt.
+
+    A piece of n tokens at history position s costs about n * linear (every weight matrix once per
+    token) plus attention * n * (s + n / 2) (a causal query-key pair in every global layer); sliding
+    layers' attention is bounded by their window and counted in neither. Late pieces of a long
+    prompt attend over more history, so at equal length they take longer, and every decode token
+    beside them waits that long.
+    """
+
+    linear: float     # flops per token of the decoder layers' weight matrices
+    attention: float  # flops per query-key pair, summed over the global layers
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, layout: LayerLayout) -> "PieceCost":
+        decoder = getattr(model, "model", model).layers
+        weights = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+        cfg = text_config(model)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(2.0 * weights, 4.0 * len(layout.tiered) * cfg.num_attention_heads * head_dim)
+
+    def work(self, n: int, start: int) -> float:
+        return n * self.linear + self.attention * n * (start + n / 2)
+
+    def tokens(self, size: int, start: int) -> int:
+        """The most tokens a piece at `start` may hold to cost no more than `size` tokens at the prompt's start."""
+        budget, b = self.work(size, 0), self.linear + self.attention * start
+        a = self.attention / 2
+        n = budget / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+        return max(1, min(size, int(n)))
