@@ -80,6 +80,14 @@ class Segments:
     piece_mask: torch.Tensor | None = None
 
 
+def _window_mask(start: int, n: int, first_key: int, window: int) -> torch.Tensor:
+    """[1, 1, n, keys] mask of n queries at positions start.. over keys at first_key..start+n-1: each
+    query sees the keys at or before it and less than `window` tokens back."""
+    kv = torch.arange(first_key, start + n)[None]
+    q = torch.arange(start, start + n)[:, None]
+    return ((kv <= q) & (kv > q - window))[None, None]
+
+
 def _pick_mask(mask: torch.Tensor | dict | None, sliding: bool) -> torch.Tensor | None:
     if isinstance(mask, dict):
         return mask["sliding_attention" if sliding else "full_attention"]
@@ -254,9 +262,7 @@ class TieredCache(Cache):
             self.plan.window_store = torch.tensor([base + p % W for p in range(start + n - stored, start + n)],
                                                   dtype=torch.long, device=device)
             if kept is not None:  # explicit masks for both kinds of layer
-                kv = torch.arange(start - before, start + n)[None]
-                q = torch.arange(start, start + n)[:, None]
-                sliding = ((kv <= q) & (kv > q - W))[None, None].to(device)
+                sliding = _window_mask(start, n, start - before, W).to(device)
                 self.plan.attention_mask = {"full_attention": self.plan.attention_mask, "sliding_attention": sliding}
         return self.plan
 
@@ -304,15 +310,12 @@ class TieredCache(Cache):
         dense = self.plan_dense(seq, start, n)
         decode = self.plan_decode(seqs)
         device = self.pool.device
-        q = torch.arange(start, start + n)[:, None]
-        causal = None if start == 0 else (torch.arange(start + n)[None] <= q)[None, None].to(device)
+        # transformers builds no mask in a mixed forward: explicit ones, except where plain causal attention is exact
+        causal = None if start == 0 else _window_mask(start, n, 0, start + n).to(device)
         dense.attention_mask = causal
         if self.window_pool is not None:
             W = self.window_pool.page_size
-            kv = torch.arange(dense.window_offset, start + n)[None]
-            sliding = None
-            if start > 0 or n > W:
-                sliding = ((kv <= q) & (kv > q - W))[None, None].to(device)
+            sliding = None if start == 0 and n <= W else _window_mask(start, n, dense.window_offset, W).to(device)
             dense.attention_mask = {"full_attention": causal, "sliding_attention": sliding}
         self.plan = MixedPlan(decode, dense)
         return self.plan

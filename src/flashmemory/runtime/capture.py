@@ -114,16 +114,17 @@ class ActivationRecorder:
         """The kept tokens of batch row `b` in the latest forward (at most `keep_last`, fewer if the input was shorter)."""
         if self.cos[0] is None:
             raise RuntimeError("no forward pass recorded yet")
-        return Activations(self.modules, [x[b] for x in self.inputs], [c[b] for c in self.cos],
-                           [s[b] for s in self.sin])
+        return self._select(lambda x: x[b])
+
+    def _select(self, pick) -> Activations:
+        return Activations(self.modules, [pick(x) for x in self.inputs], [pick(c) for c in self.cos],
+                           [pick(s) for s in self.sin])
 
     def kept(self, lo: int, hi: int) -> Activations:
         """Entries lo:hi of the tokens chosen by `keep_tokens`, in the latest forward."""
         if self.tokens is None or self.cos[0] is None:
             raise RuntimeError("no forward recorded with keep_tokens")
-        r = slice(lo, hi)
-        return Activations(self.modules, [x[r] for x in self.inputs], [c[r] for c in self.cos],
-                           [s[r] for s in self.sin])
+        return self._select(lambda x: x[lo:hi])
 
     def close(self) -> None:
         for h in self._handles:

@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..memory.pools import LayerLayout, text_config
+from ..memory.pools import KVShape, LayerLayout, text_config
 from .cache import Segments
 
 NAME = "flashmemory_segmented"
@@ -75,9 +75,8 @@ class PieceCost:
     def of(cls, model: torch.nn.Module, layout: LayerLayout) -> "PieceCost":
         decoder = getattr(model, "model", model).layers
         weights = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
-        cfg = text_config(model)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(2.0 * weights, 4.0 * len(layout.tiered) * cfg.num_attention_heads * head_dim)
+        heads = text_config(model).num_attention_heads
+        return cls(2.0 * weights, 4.0 * len(layout.tiered) * heads * KVShape.of(model).head_dim)
 
     def work(self, n: int, start: int) -> float:
         return n * self.linear + self.attention * n * (start + n / 2)
