@@ -3,21 +3,23 @@
     python benchmarks/indexer.py                        # all three parts (~30-40 min on 2 cores)
     python benchmarks/indexer.py --parts recall         # held-out recall only
     python benchmarks/indexer.py --parts train --train-dump runs/default-indexer/dump
+    python benchmarks/indexer.py --model gemma3-270m --parts recall   # Gemma's indexer, 8-12K documents
 
 Parts:
-  recall    dump held-out documents (built-in generator, another seed, 6-7K tokens, with the
-            quest baseline; cached under --heldout) and score the shipped indexer: recall of
+  recall    dump held-out documents (built-in generator, another seed than the training corpus,
+            6-7K tokens for SmolLM2 and 8-12K for Gemma-3-270m unless --doc-tokens says otherwise,
+            with the quest baseline; cached under --heldout) and score the shipped indexer: recall of
             golden chunks for the selection LSA makes (threshold 0.5, capped at a 10% resident
             budget after sink + tail), the resident fraction that produces, recall@K and F1,
             and quest's recall at the same budget. Recall is given twice: over the chunks the
             indexer chooses among (sink and tail excluded) and over all golden chunks of the
             history (the share of them the resident set holds).
-  train     retrain the default indexer from the default dump with the shipped recipe and
+  train     retrain the model's indexer from its recipe's dump with the shipped recipe and
             time it (target: at most 10 minutes on the 2-core CPU); the dump time recorded
             in the shipped checkpoint is reported too.
   overhead  one 8K prefill, then `lsa` decoding through the runtime: the time spent in the
             policy's scoring (every tau steps) as a share of decode time (target: <= 5%).
-Results go to benchmarks/results/indexer.json (and are printed).
+Results go to benchmarks/results/indexer.json, or indexer_<model>.json for another model (and are printed).
 """
 
 from __future__ import annotations
@@ -29,27 +31,32 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "indexer.json"
+RESULTS = Path(__file__).parent / "results"
+#: held-out documents per model: (min tokens, max tokens); the generator sizes by characters, so leave
+#: room under the context the dump allows (8K for SmolLM2; Gemma's dump is given max + 1K)
+DOC_TOKENS = {"smollm2-135m": (6144, 7168), "gemma3-270m": (8192, 12288)}
 
 
 def part_recall(args) -> dict:
-    from flashmemory.indexer.checkpoint import DEFAULT_DIR, load_indexer
+    from flashmemory.indexer.checkpoint import load_indexer, shipped_dir
     from flashmemory.models.loader import load_backbone
     from flashmemory.traces.corpus import synthetic_corpus
     from flashmemory.traces.dataset import TraceSet
     from flashmemory.traces.dump import DumpConfig, run_dump
-    from flashmemory.traces.recipe import DEFAULT_DUMP
+    from flashmemory.traces.recipe import RECIPES
     from flashmemory.traces.train import evaluate
 
-    indexer = load_indexer(args.indexer or DEFAULT_DIR)
+    recipe = RECIPES[args.model]
+    indexer = load_indexer(args.indexer or shipped_dir(args.model))
     meta_layers = indexer.layers
-    spec = {"generator": "synthetic", "n_docs": args.heldout_docs, "seed": 4242, "min_tokens": 6144,
-            "max_tokens": 7168}  # the generator sizes by characters: leave room under 8K
+    lo, hi = args.doc_tokens or DOC_TOKENS[args.model]
+    spec = {"generator": "synthetic", "n_docs": args.heldout_docs, "seed": 4242, "min_tokens": lo, "max_tokens": hi}
     # keys at the resolution the indexer scores with at run time (its key store), not its training dump's
-    cfg = DumpConfig(**{**DEFAULT_DUMP.__dict__, "quest_baseline": True, "candidate_layers": meta_layers,
-                        "key_block": indexer.cfg.fine_key_block or indexer.cfg.key_block})
+    cfg = DumpConfig(**{**recipe.dump.__dict__, "quest_baseline": True, "candidate_layers": meta_layers,
+                        "key_block": indexer.cfg.fine_key_block or indexer.cfg.key_block,
+                        "max_tokens": max(recipe.dump.max_tokens, hi + 1024)})
     start = time.perf_counter()
-    backbone = load_backbone(None)
+    backbone = load_backbone(args.model)
     corpus = synthetic_corpus(spec["n_docs"], spec["seed"], spec["min_tokens"], spec["max_tokens"])
     summary = run_dump(backbone, corpus, args.heldout, cfg, corpus_spec=spec, progress=True)
     dump_s = time.perf_counter() - start
@@ -58,7 +65,8 @@ def part_recall(args) -> dict:
     m = indexer.cfg.extra.get("min_layers", cfg.min_layers)
     lsa = evaluate(indexer, traces, docs, m, budget=args.budget)
     quest = evaluate(None, traces, docs, m, budget=args.budget, scorer="quest")
-    return {"heldout_docs": len(docs), "anchors": lsa.anchors, "dump_seconds_this_run": round(dump_s, 1),
+    return {"model": args.model, "heldout_docs": len(docs), "doc_tokens": [lo, hi],
+            "tokens_mean": sum(traces.docs[d].meta["tokens"] for d in docs) / len(docs), "anchors": lsa.anchors, "dump_seconds_this_run": round(dump_s, 1),
             "dump_new_documents": summary.documents, "budget": args.budget, "min_layers": m,
             "positive_rate": lsa.positive_rate,
             "lsa": {"recall_capped": lsa.recall_capped, "resident_fraction": lsa.resident_fraction,
@@ -74,16 +82,18 @@ def part_recall(args) -> dict:
 
 
 def part_train(args) -> dict:
-    from flashmemory.indexer.checkpoint import DEFAULT_DIR, read_meta
-    from flashmemory.traces.recipe import DEFAULT_TRAIN
+    from flashmemory.indexer.checkpoint import read_meta, shipped_dir
+    from flashmemory.traces.recipe import RECIPES
     from flashmemory.traces.train import train_indexer
 
-    shipped = read_meta(DEFAULT_DIR)["config"]["extra"]
+    recipe = RECIPES[args.model]
+    shipped = read_meta(shipped_dir(args.model))["config"]["extra"]
     out = {"shipped_dump_seconds": shipped.get("dump_seconds"),
            "shipped_train_seconds": (shipped.get("metrics") or {}).get("seconds")}
-    if args.train_dump and Path(args.train_dump).is_dir():
+    dump = Path(args.train_dump or Path(recipe.work) / "dump")
+    if dump.is_dir():
         start = time.perf_counter()
-        result = train_indexer(args.train_dump, DEFAULT_TRAIN)
+        result = train_indexer(dump, recipe.train)
         out.update({"retrain_seconds": round(time.perf_counter() - start, 1), "epochs_run": result.epochs_run,
                     "val_recall_at_budget": result.val.recall_at_budget if result.val else None,
                     "target_train<=600s": time.perf_counter() - start <= 600})
@@ -94,7 +104,7 @@ def part_overhead(args) -> dict:
     from flashmemory import LSAConfig, LSAEngine, load_backbone
     from flashmemory.policies import make_policy
 
-    backbone = load_backbone(None)
+    backbone = load_backbone(args.model)
     engine = LSAEngine(backbone, LSAConfig(budget=0.15))
     words = (Path(__file__).parent.parent / "README.md").read_text().split() * 200
     ids = engine.encode(" ".join(words))[: args.context]
@@ -123,22 +133,30 @@ def part_overhead(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="recall,train,overhead")
-    p.add_argument("--indexer", default=None, help="checkpoint folder (default: the shipped one)")
-    p.add_argument("--heldout", default="runs/indexer-heldout", help="held-out dump folder (created/resumed)")
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(DOC_TOKENS),
+                   help="embedded backbone whose shipped indexer is measured (recall, train)")
+    p.add_argument("--indexer", default=None, help="checkpoint folder (default: the model's shipped one)")
+    p.add_argument("--heldout", default=None,
+                   help="held-out dump folder, created or resumed (default runs/indexer-heldout[-MODEL])")
     p.add_argument("--heldout-docs", type=int, default=12)
+    p.add_argument("--doc-tokens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="held-out document length (default: 6144 7168 for SmolLM2, 8192 12288 for Gemma)")
     p.add_argument("--budget", type=float, default=0.10)
-    p.add_argument("--train-dump", default="runs/default-indexer/dump")
+    p.add_argument("--train-dump", default=None, help="dump to retrain from (default: the recipe's work folder)")
     p.add_argument("--context", type=int, default=8192 - 192)
     p.add_argument("--steps", type=int, default=128)
     args = p.parse_args()
+    default = args.model == "smollm2-135m"
+    args.heldout = args.heldout or ("runs/indexer-heldout" if default else f"runs/indexer-heldout-{args.model}")
+    out = RESULTS / ("indexer.json" if default else f"indexer_{args.model}.json")
     torch.manual_seed(0)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = json.loads(out.read_text()) if out.is_file() else {}
     for part in args.parts.split(","):
         fn = {"recall": part_recall, "train": part_train, "overhead": part_overhead}[part.strip()]
         results[part.strip()] = fn(args)
         print(json.dumps({part: results[part.strip()]}, indent=2), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
