@@ -141,6 +141,8 @@ def test_bad_prompts_and_engine_settings(model):
             engine.generate([1, 2, 3], "full", config=LSAConfig(chunk_size=32, page_size=64))
     with pytest.raises(ValueError, match="device_memory"):
         EngineConfig(device_memory=-5)
+    with pytest.raises(ValueError, match="decode_token_weight must be a number >= 0"):
+        EngineConfig(decode_token_weight=-1)
     with pytest.raises(AdmissionError, match="holds no page"):
         LSAEngine(model, engine_config=EngineConfig(device_memory=100))
     with pytest.raises(GenerationOptionsError):
@@ -196,7 +198,8 @@ def test_decode_tokens_share_the_prompt_pieces_forward_and_still_match_transform
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)),
                                            with_kwargs=True)
     try:
-        with LSAEngine(model, LSAConfig(budget=1.0, prefill_chunk=256)) as engine:
+        with LSAEngine(model, LSAConfig(budget=1.0, prefill_chunk=256),
+                       engine_config=EngineConfig(decode_token_weight=3.0)) as engine:
             running = engine.submit(short, "full", max_new_tokens=40, stop_at_eos=False)
             engine.step()
             late = engine.submit(long, "full", max_new_tokens=12, stop_at_eos=False)
@@ -210,9 +213,9 @@ def test_decode_tokens_share_the_prompt_pieces_forward_and_still_match_transform
             engine.run([running, late])
     finally:
         hook.remove()
-    # the first piece is the chunk less the decode token; later ones attend over more history and shrink
-    # to cost about as much, down to a quarter chunk
-    assert sizes[0] == 256 and sizes == sorted(sizes, reverse=True) and min(sizes[:-1]) >= 64 + 1
-    assert sizes[-2] < 256
+    # the first piece is the chunk less 3 tokens for the decode token beside it; later ones attend over
+    # more history and shrink to cost about as much, down to a quarter chunk
+    assert sizes[0] == 1 + 256 - 3 and sizes == sorted(sizes, reverse=True) and min(sizes[:-1]) >= 64 + 1
+    assert sizes[-2] < sizes[0]
     assert engine.result(running).token_ids == hf_greedy(model, short, 40)
     assert engine.result(late).token_ids == hf_greedy(model, long, 12)

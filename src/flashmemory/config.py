@@ -133,6 +133,10 @@ class EngineConfig:
                 "(default: the whole history in host memory)"})
     spill_dir: str | None = field(default=None, metadata={
         "help": "folder for the spill files of histories beyond host_memory (default: the system's temp folder)"})
+    decode_token_weight: float = field(default=4.0, metadata={
+        "help": "prompt tokens one decode token displaces from the prompt piece it shares a step with (a step's "
+                "piece is prefill_chunk less this times the decode tokens, at least half a chunk): on a CPU a decode "
+                "token costs several prompt tokens' time, and a lighter step keeps the decoding requests' gaps short"})
     prefetch_multiple: float = field(default=2.0, metadata={
         "help": "pages read from disk ahead of the next cycle: the resident set plus the next-ranked pages, "
                 "up to this multiple of the budget's pages"})
@@ -148,6 +152,10 @@ class EngineConfig:
             raise ConfigError(f"host_memory must be a positive number of bytes, got {self.host_memory!r}")
         if self.spill_dir is not None and (not isinstance(self.spill_dir, str) or not self.spill_dir.strip()):
             raise ConfigError(f"spill_dir must be a folder path, got {self.spill_dir!r}")
+        if isinstance(self.decode_token_weight, bool) or not isinstance(self.decode_token_weight, (int, float)) \
+                or not 0.0 <= self.decode_token_weight <= 1e6:
+            raise ConfigError(f"decode_token_weight must be a number >= 0 (prompt tokens per decode token), "
+                              f"got {self.decode_token_weight!r}")
         if isinstance(self.prefetch_multiple, bool) or not isinstance(self.prefetch_multiple, (int, float)) \
                 or not 1.0 <= self.prefetch_multiple <= 1e6:
             raise ConfigError(f"prefetch_multiple must be a number >= 1 (1: no pages beyond the resident set), "

@@ -9,7 +9,7 @@ from .errors import HelpFormatter, USER_ERRORS, fail
 from .options import DISK_TIER_OPTIONS, add_model_option, add_options, add_policy_option, build
 
 _LSA_OPTIONS = ["chunk_size", "page_size", "tau", "sink_tokens", "tail_tokens", "threshold", "prefill_chunk"]
-_ENGINE_OPTIONS = ["device_memory", "max_batch"] + DISK_TIER_OPTIONS
+_ENGINE_OPTIONS = ["device_memory", "max_batch", "decode_token_weight"] + DISK_TIER_OPTIONS
 #: Seconds uvicorn waits for open requests after Ctrl-C before cancelling them (their pages are freed).
 _GRACEFUL_SHUTDOWN_SECONDS = 5
 

@@ -377,13 +377,15 @@ class LSAEngine:
 
     def _piece(self, seq: Sequence, rows: int) -> tuple[int, int]:
         """The prompt span of `seq`'s next piece: `prefill_chunk` tokens alone. Beside `rows` decode tokens,
-        the chunk less those tokens (at least half a chunk, so prompts keep moving beside many decodes),
-        then shrunk to cost what it would at the prompt's start (at least a quarter chunk): every step a
-        decode token waits on then takes about as long, early or late in a long prompt."""
+        the chunk less `decode_token_weight` tokens per decode token (at least half a chunk, so prompts keep
+        moving beside many decodes), then shrunk to cost what it would at the prompt's start (at least a
+        quarter chunk): every step a decode token waits on then takes about as long, early or late in a
+        long prompt, and with few or many decode tokens beside it."""
         chunk, start = seq.config.prefill_chunk, seq.prefilled
         size = chunk
         if rows:
-            size = max(self.piece_cost.tokens(max(chunk - rows, (chunk + 1) // 2), start), (chunk + 3) // 4)
+            fill = chunk - round(self.engine_config.decode_token_weight * rows)
+            size = max(self.piece_cost.tokens(max(fill, (chunk + 1) // 2), start), (chunk + 3) // 4)
         return start, min(start + size, len(seq.prompt_ids))
 
     def _prefill_piece(self, seq: Sequence) -> None:
