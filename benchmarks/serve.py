@@ -70,7 +70,9 @@ class LevelResult:
     ttft_median: float
     ttft_p99: float
     itl_median: float
+    itl_p90: float
     itl_p99: float
+    itl_max: float
     max_running: int
     errors: list[str]
 
@@ -170,7 +172,8 @@ async def run_level(url: str, policy: str, clients: int, args: argparse.Namespac
         decode_tokens_per_second=sum(r.completion_tokens for r in done) / seconds,
         prompt_tokens_mean=statistics.mean(r.prompt_tokens for r in done) if done else 0.0,
         ttft_median=statistics.median(ttfts) if ttfts else 0.0, ttft_p99=percentile(ttfts, 99),
-        itl_median=statistics.median(gaps) if gaps else 0.0, itl_p99=percentile(gaps, 99),
+        itl_median=statistics.median(gaps) if gaps else 0.0, itl_p90=percentile(gaps, 90),
+        itl_p99=percentile(gaps, 99), itl_max=max(gaps, default=0.0),
         max_running=max_running, errors=sorted({r.error for r in records if not r.ok})[:5])
 
 
@@ -232,12 +235,13 @@ def markdown(rows: list[LevelResult], args: argparse.Namespace, note: str) -> st
         f"prefill pieces of {args.prefill_chunk} tokens, device {args.device}"
         f"{'' if args.threads is None else f', {args.threads} server thread(s)'}. {note}", "",
         "| clients | policy | done/sent | max running | req/min | decode tok/s | TTFT p50 (s) | TTFT p99 (s) "
-        "| ITL p50 (ms) | ITL p99 (ms) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| ITL p50 (ms) | ITL p90 (ms) | ITL p99 (ms) | ITL max (ms) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.clients} | {r.policy} | {r.completed}/{r.requests} | {r.max_running} "
                      f"| {r.requests_per_minute:.2f} | {r.decode_tokens_per_second:.2f} | {r.ttft_median:.1f} "
-                     f"| {r.ttft_p99:.1f} | {1000 * r.itl_median:.0f} | {1000 * r.itl_p99:.0f} |")
+                     f"| {r.ttft_p99:.1f} | {1000 * r.itl_median:.0f} | {1000 * r.itl_p90:.0f} "
+                     f"| {1000 * r.itl_p99:.0f} | {1000 * r.itl_max:.0f} |")
     errors = sorted({e for r in rows for e in r.errors})
     if errors:
         lines += ["", "Errors:", *[f"- {e}" for e in errors]]
