@@ -133,10 +133,12 @@ class EngineConfig:
                 "(default: the whole history in host memory)"})
     spill_dir: str | None = field(default=None, metadata={
         "help": "folder for the spill files of histories beyond host_memory (default: the system's temp folder)"})
-    decode_token_weight: float = field(default=4.0, metadata={
+    decode_token_weight: float = field(default=16.0, metadata={
         "help": "prompt tokens one decode token displaces from the prompt piece it shares a step with (a step's "
-                "piece is prefill_chunk less this times the decode tokens, at least half a chunk): on a CPU a decode "
-                "token costs several prompt tokens' time, and a lighter step keeps the decoding requests' gaps short"})
+                "piece is prefill_chunk less this times the decode tokens, at least half a chunk). On a CPU a decode "
+                "token costs 9-17 prompt tokens' time (small matrix products run far below peak), so steps with "
+                "many decoding requests stay as short as steps with few; on a GPU, where decode tokens are nearly "
+                "free, 1 gives the most prefill per step"})
     prefetch_multiple: float = field(default=2.0, metadata={
         "help": "pages read from disk ahead of the next cycle: the resident set plus the next-ranked pages, "
                 "up to this multiple of the budget's pages"})
