@@ -65,8 +65,9 @@ def part_recall(args) -> dict:
     m = indexer.cfg.extra.get("min_layers", cfg.min_layers)
     lsa = evaluate(indexer, traces, docs, m, budget=args.budget)
     quest = evaluate(None, traces, docs, m, budget=args.budget, scorer="quest")
-    return {"model": args.model, "heldout_docs": len(docs), "doc_tokens": [lo, hi],
-            "tokens_mean": sum(traces.docs[d].meta["tokens"] for d in docs) / len(docs), "anchors": lsa.anchors, "dump_seconds_this_run": round(dump_s, 1),
+    tokens_mean = sum(traces.docs[d].meta["tokens"] for d in docs) / len(docs)
+    return {"model": args.model, "heldout_docs": len(docs), "doc_tokens": [lo, hi], "tokens_mean": tokens_mean,
+            "anchors": lsa.anchors, "dump_seconds_this_run": round(dump_s, 1),
             "dump_new_documents": summary.documents, "budget": args.budget, "min_layers": m,
             "positive_rate": lsa.positive_rate,
             "lsa": {"recall_capped": lsa.recall_capped, "resident_fraction": lsa.resident_fraction,
@@ -146,6 +147,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=8192 - 192)
     p.add_argument("--steps", type=int, default=128)
     args = p.parse_args()
+    if args.doc_tokens and not 64 <= args.doc_tokens[0] <= args.doc_tokens[1]:
+        p.error(f"--doc-tokens needs 64 <= MIN <= MAX, got {args.doc_tokens[0]} {args.doc_tokens[1]}")
     default = args.model == "smollm2-135m"
     args.heldout = args.heldout or ("runs/indexer-heldout" if default else f"runs/indexer-heldout-{args.model}")
     out = RESULTS / ("indexer.json" if default else f"indexer_{args.model}.json")

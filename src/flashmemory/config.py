@@ -6,6 +6,11 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 
+def _number_in(value, lo: float, hi: float) -> bool:
+    """Whether `value` is a real number (int or float, not bool) in [lo, hi] (NaN is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+
+
 class ConfigError(ValueError):
     """An LSA setting that cannot work."""
 
@@ -37,7 +42,8 @@ class LSAConfig:
     threshold: float = field(default=0.5, metadata={"help": "score above which a learned policy wants a chunk"})
     prefill_chunk: int = field(default=2048, metadata={
         "help": "tokens per prefill forward; when sequences decode beside a piece, their tokens share "
-                "the forward, and the piece shrinks by as many and as its history grows (runtime/engine.py)"})
+                "the forward, and the piece shrinks by EngineConfig.decode_token_weight tokens for each, and as "
+                "its history grows (runtime/engine.py)"})
     seed: int = field(default=0, metadata={"help": "seed of the random policy"})
     observation_window: int = field(default=32, metadata={
         "help": "last prompt tokens whose attention inputs are kept after a prefill (snapkv's observation window)"})
@@ -154,11 +160,9 @@ class EngineConfig:
             raise ConfigError(f"host_memory must be a positive number of bytes, got {self.host_memory!r}")
         if self.spill_dir is not None and (not isinstance(self.spill_dir, str) or not self.spill_dir.strip()):
             raise ConfigError(f"spill_dir must be a folder path, got {self.spill_dir!r}")
-        if isinstance(self.decode_token_weight, bool) or not isinstance(self.decode_token_weight, (int, float)) \
-                or not 0.0 <= self.decode_token_weight <= 1e6:
+        if not _number_in(self.decode_token_weight, 0.0, 1e6):
             raise ConfigError(f"decode_token_weight must be a number >= 0 (prompt tokens per decode token), "
                               f"got {self.decode_token_weight!r}")
-        if isinstance(self.prefetch_multiple, bool) or not isinstance(self.prefetch_multiple, (int, float)) \
-                or not 1.0 <= self.prefetch_multiple <= 1e6:
+        if not _number_in(self.prefetch_multiple, 1.0, 1e6):
             raise ConfigError(f"prefetch_multiple must be a number >= 1 (1: no pages beyond the resident set), "
                               f"got {self.prefetch_multiple!r}")
