@@ -17,6 +17,13 @@ Parts:
   train     retrain the model's indexer from its recipe's dump with the shipped recipe and
             time it (target: at most 10 minutes on the 2-core CPU); the dump time recorded
             in the shipped checkpoint is reported too.
+  signals   on the held-out dump of `recall` (run it first): recall at the budget of other rankings,
+            to show where more recall could come from. Over every anchor: the indexer's scores
+            fused with quest's (sum of the two ranks) and the labels themselves (the ceiling). Over
+            the anchors with another anchor of the same document 64+ tokens earlier (a previous
+            cycle): the indexer plus the chunks that previous cycle used (kept by at least one
+            global layer's top-p set) among those it had resident (sink, tail and the indexer's
+            top picks at the budget), and plus every chunk it used (resident or not).
   overhead  one 8K prefill, then `lsa` decoding through the runtime: the time spent in the
             policy's scoring (every tau steps) as a share of decode time (target: <= 5%).
 Results go to benchmarks/results/indexer.json, or indexer_<model>.json for another model (and are printed).
@@ -80,6 +87,61 @@ def part_recall(args) -> dict:
             "targets": {"recall>=0.90 (selectable chunks)": (lsa.recall_capped or 0) >= 0.90,
                         "recall>=0.90 (all golden chunks)": lsa.recall_resident >= 0.90,
                         "resident<=0.10": (lsa.resident_fraction or 1) <= 0.10}}
+
+
+def part_signals(args) -> dict:
+    from flashmemory.indexer.checkpoint import load_indexer, shipped_dir
+    from flashmemory.traces.dataset import TraceSet
+    from flashmemory.traces.metrics import score_metrics
+
+    indexer = load_indexer(args.indexer or shipped_dir(args.model))
+    traces = TraceSet(args.heldout, layers=indexer.layers)
+    c, block = traces.population.chunk_size, traces.params.get("key_block")
+    m = indexer.cfg.extra.get("min_layers", traces.params.get("min_layers", 1))
+    rankings = {k: [] for k in ("lsa", "lsa+quest ranks", "labels (ceiling)")}
+    cycles = {k: [] for k in ("lsa", "lsa + previous cycle's used resident chunks", "lsa + every chunk it used")}
+    labels, pops, cyc_labels, cyc_pops = [], [], [], []
+
+    def rank(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort().argsort().float() / len(x)
+
+    with torch.no_grad():
+        for doc in traces.docs:
+            probs = indexer(doc.hidden, doc.keys, doc.positions, block).float()
+            spans = [(a, (pos + 1) // c) for a, pos in enumerate(doc.positions.tolist())]
+            for a, n in spans:
+                p, y, pop = probs[a, :n], doc.votes[a, :n] >= m, doc.population[a, :n]
+                rankings["lsa"].append(p)
+                rankings["lsa+quest ranks"].append(rank(p) + rank(doc.quest[a, :n].float()))
+                rankings["labels (ceiling)"].append(y.float() + 1e-3 * p)
+                labels.append(y)
+                pops.append(pop)
+                earlier = [s for s in spans if doc.positions[a] - doc.positions[s[0]] >= 64]
+                if not earlier:
+                    continue
+                pa, pn = earlier[-1]
+                prev_pop = doc.population[pa, :pn]
+                resident = ~prev_pop
+                picks = torch.where(prev_pop)[0]
+                k = max(0, int(args.budget * pn) - int(resident.sum()))
+                resident[picks[probs[pa, picks].argsort(descending=True)[:k]]] = True
+                used = torch.zeros(n, dtype=torch.bool)
+                used[:pn] = doc.votes[pa, :pn] >= 1
+                used_resident = used.clone()
+                used_resident[:pn] &= resident
+                cycles["lsa"].append(p)
+                cycles["lsa + previous cycle's used resident chunks"].append(p + used_resident.float())
+                cycles["lsa + every chunk it used"].append(p + used.float())
+                cyc_labels.append(y)
+                cyc_pops.append(pop)
+
+    def recall(scores, ys, ps) -> dict:
+        r = score_metrics(scores, ys, ps, budget=args.budget, threshold=None)
+        return {"recall_resident_at_budget": round(r.recall_resident, 3), "recall_at_budget": round(r.recall_at_budget, 3)}
+
+    return {"anchors": len(labels), "all_anchors": {k: recall(v, labels, pops) for k, v in rankings.items()},
+            "anchors_after_a_cycle": len(cyc_labels),
+            "after_a_cycle": {k: recall(v, cyc_labels, cyc_pops) for k, v in cycles.items()}}
 
 
 def part_train(args) -> dict:
@@ -155,7 +217,7 @@ def main() -> None:
     torch.manual_seed(0)
     results = json.loads(out.read_text()) if out.is_file() else {}
     for part in args.parts.split(","):
-        fn = {"recall": part_recall, "train": part_train, "overhead": part_overhead}[part.strip()]
+        fn = {"recall": part_recall, "signals": part_signals, "train": part_train, "overhead": part_overhead}[part.strip()]
         results[part.strip()] = fn(args)
         print(json.dumps({part: results[part.strip()]}, indent=2), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,21 +45,18 @@ DEFAULT_TRAIN = TrainConfig(layers=DEFAULT_LAYERS, q_rank=576, epochs=60, patien
 #: Gemma-3-270m: only layers 5, 11 and 17 attend globally (the others within 512 tokens), so
 #: only they are tiered, and they are both the voters and the target layers. With three voters,
 #: a chunk is golden when at least two of them keep it in their top-0.6 attention set (a
-#: majority, `min_layers` 2; docs/indexer.md, "Gemma-3-270m"). Its own corpus seed, 64 documents
-#: of 8-12K tokens (68 minutes of backbone time on one core; cut to 13K tokens at most), answers of
-#: at most 16 tokens (a base model does not stop after the answer), raw-text prompts (a base
+#: majority, `min_layers` 2; docs/indexer.md, "Gemma-3-270m"). Its own corpus seed, documents of
+#: 2-3K tokens (20 of them: the dump took 21 minutes on the shared 2-core CPU), answers of at
+#: most 16 tokens (a base model does not stop after the answer), raw-text prompts (a base
 #: model: the tokenizer has no chat template, so questions are asked as "Question: ...\nAnswer:").
-GEMMA_CORPUS = {"generator": "synthetic", "n_docs": 64, "seed": 2702, "min_tokens": 8192, "max_tokens": 12288}
+GEMMA_CORPUS = {"generator": "synthetic", "n_docs": 20, "seed": 2701, "min_tokens": 2048, "max_tokens": 3072}
 GEMMA_LAYERS: list[int] = [5, 11, 17]
 GEMMA_DUMP = DumpConfig(label_layers=GEMMA_LAYERS, candidate_layers=GEMMA_LAYERS, label_stride=2, min_layers=2,
-                        key_block=8, max_answer_tokens=16, max_tokens=13312, quest_baseline=False)
+                        key_block=8, max_answer_tokens=16, quest_baseline=False)
 #: One key per 8 tokens at run time (no finer resolution): the key store covers exactly the three
 #: tiered layers, so 2-token keys would weigh 12.5% of their fp32 KV, more than the 10% budget itself;
-#: 8-token keys weigh 3.1%. The query side trains, at a tenth of the default rate: frozen queries gained
-#: little from long documents, and at lr 2e-3 the queries fit the synthetic templates and lost a 12.5K
-#: evaluation-style needle (docs/indexer.md, "The query side trains").
-GEMMA_TRAIN = TrainConfig(layers=GEMMA_LAYERS, q_rank=640, freeze_queries=False, lr=2e-4, epochs=60,
-                          patience=10, time_limit=540.0)
+#: 8-token keys weigh 3.1%.
+GEMMA_TRAIN = TrainConfig(layers=GEMMA_LAYERS, q_rank=640, epochs=60, patience=10, time_limit=540.0)
 
 
 @dataclass(frozen=True)
