@@ -10,7 +10,7 @@ import pytest
 
 from flashmemory.eval.haystack import essay_text, essays_dir, insert_at_depths
 from flashmemory.eval.ruler import RULER_TASKS, generate_samples
-from flashmemory.eval.samples import EvalDataError, PromptBuilder
+from flashmemory.eval.samples import EvalDataError, PromptBuilder, fit_length
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,26 @@ def test_8k_samples_fit_the_model_context(builder):
     assert abs(n - s.target_length) <= 0.02 * s.target_length
     # room is left for the answer and one cycle of lookahead inside the 8192-token context
     assert n + s.max_new_tokens + 64 <= 8192 + 0.02 * s.target_length
+
+
+def test_fitted_prompts_never_pass_the_cap():
+    # 50 tokens per haystack unit: the first size lands inside the tolerance band but over the cap,
+    # as a 32K UUID haystack once did (32,762 tokens where 32,728 fit beside the answer)
+    def build(n: int):
+        return "x" * n, ""
+
+    def count(text: str, prefix: str) -> int:
+        return 50 * len(text) + 12
+
+    n, _, _, got = fit_length(build, count, target=32664, n0=655, tokens_per_unit=50.0)
+    assert got == 32762  # without a cap: the closest within tolerance
+    n, _, _, got = fit_length(build, count, target=32664, n0=655, tokens_per_unit=50.0, cap=32728)
+    assert got <= 32728 and abs(got - 32664) <= 0.005 * 32664
+    # every size tried overshoots (a wrong slope guess): the haystack shrinks until it fits
+    n, _, _, got = fit_length(build, count, target=1000, n0=400, tokens_per_unit=1e-3, max_iter=1, cap=900)
+    assert got <= 900
+    with pytest.raises(EvalDataError, match="empty haystack"):
+        fit_length(build, count, target=5, n0=3, tokens_per_unit=50.0, cap=10)
 
 
 def test_haystack_files_found_without_importing_the_package():

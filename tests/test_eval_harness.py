@@ -156,6 +156,15 @@ def test_settings_are_checked():
     assert EvalSettings(tasks=["single", "niah_single_1"]).tasks == ["niah_single_1", "niah_single_2", "niah_single_3"]
 
 
+def test_a_prompt_without_room_for_its_answer_is_refused_before_any_prefill(engine, tmp_path):
+    settings = EvalSettings(tasks=["niah_single_1", "niah_single_2"], length=4096, samples=1, policies=["full"],
+                            max_new_tokens=6000, config=CONFIG)
+    path = tmp_path / "results.jsonl"
+    with pytest.raises(EvalDataError, match="leave no room for 6000 new tokens in a 8192-token context"):
+        evaluate(engine, settings, path, progress=False)
+    assert not path.exists()  # nothing ran
+
+
 def test_cli_eval(tmp_path, capsys):
     from flashmemory.cli.main import main
 

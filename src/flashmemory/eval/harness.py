@@ -137,6 +137,20 @@ def build_samples(settings: EvalSettings, builder: PromptBuilder) -> list[Sample
     return samples
 
 
+def check_room(samples: list[Sample | MultiSample], builder: PromptBuilder) -> None:
+    """Refuse, before any prefill, a sample whose prompt leaves no room for its answer in the context."""
+    if not builder.max_context:
+        return
+    for sample in samples:
+        if isinstance(sample, MultiSample):
+            continue  # sized with its questions and answers reserved (eval/multi.py)
+        n = len(builder.sample_ids(sample))
+        if n + sample.max_new_tokens > builder.max_context:
+            raise EvalDataError(f"sample {sample.id}: {n} prompt tokens leave no room for {sample.max_new_tokens} "
+                                f"new tokens in a {builder.max_context}-token context (a shorter --length or a "
+                                f"smaller --max-new-tokens fits)")
+
+
 def _runs(settings: EvalSettings, policies: dict[str, SelectionPolicy]) -> list[tuple[str, float]]:
     """(policy, budget) pairs; a keep-everything policy runs once, at budget 1.0."""
     out = []
@@ -230,6 +244,7 @@ def evaluate(engine: LSAEngine, settings: EvalSettings, results_path: Path | Non
     max_context = engine.backbone.max_context
     builder = PromptBuilder(engine.tokenizer, chat=settings.chat, max_context=max_context)
     samples = build_samples(settings, builder)
+    check_room(samples, builder)
     store = ResultStore(results_path)
     runs = _runs(settings, policies)
     fp = engine.backbone.fingerprint

@@ -74,7 +74,8 @@ class RulerTask:
         raise NotImplementedError
 
     def _fit(self, builder: PromptBuilder, target: int, build, n0: int, tokens_per_unit: float):
-        n, text, prefix, got = fit_length(build, builder.count, target, n0, tokens_per_unit)
+        cap = builder.max_context - self.max_new_tokens if builder.max_context else None
+        n, text, prefix, got = fit_length(build, builder.count, target, n0, tokens_per_unit, cap=cap)
         # a haystack of whole needles (~20-60 tokens each) cannot always land within 2% of a short target
         if abs(got - target) > max(0.02 * target, 80):
             raise EvalDataError(f"{self.name}: could not fit the prompt to {target} tokens (got {got})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -87,11 +88,13 @@ class PromptBuilder:
 
 def fit_length(build: Callable[[int], tuple[str, str]], count: Callable[[str, str], int], target: int,
                n0: int, tokens_per_unit: float, tolerance: float = 0.005,
-               max_iter: int = 8) -> tuple[int, str, str, int]:
+               max_iter: int = 8, cap: int | None = None) -> tuple[int, str, str, int]:
     """Find the size `n` (in haystack units) whose prompt is closest to `target` tokens.
 
     `build(n)` returns (text, prefix); `count` measures it. Newton-like steps on n, keeping the
-    best seen. Returns (n, text, prefix, tokens).
+    best seen. A prompt longer than `cap` tokens (the model's context less the answer) is never
+    chosen: if every size tried overshoots it, the haystack shrinks until one fits. Returns
+    (n, text, prefix, tokens).
     """
     best: tuple[int, int, str, str] | None = None  # (abs error, n, text, prefix)
     seen: dict[int, int] = {}
@@ -108,11 +111,21 @@ def fit_length(build: Callable[[int], tuple[str, str]], count: Callable[[str, st
                 slope = max((got - seen[last_n]) / (n - last_n), 1e-6)
         seen[n] = got
         err = abs(got - target)
-        if best is None or err < best[0]:
+        fits = cap is None or got <= cap
+        if fits and (best is None or err < best[0]):
             best = (err, n, text, prefix)
-        if err <= tolerance * target:
+        if fits and err <= tolerance * target:
             break
         step = (target - got) / slope
         n = max(0, n + (int(round(step)) or (1 if target > got else -1)))
+    while best is None:  # every size tried overshoots the cap
+        n = min(seen)
+        if n == 0:
+            raise EvalDataError(f"even an empty haystack gives a {seen[0]}-token prompt, over the {cap} allowed")
+        n = max(0, n - max(1, math.ceil((seen[n] - cap) / slope)))
+        text, prefix = build(n)
+        seen[n] = got = count(text, prefix)
+        if got <= cap:
+            best = (abs(got - target), n, text, prefix)
     err, n, text, prefix = best
     return n, text, prefix, seen[n]
