@@ -12,18 +12,15 @@ Needs the Gemma part packages (README, "Hybrid models"); skipped without them.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from flashmemory import LSAConfig, LSAEngine, load_backbone
 from flashmemory.cli.main import main
 from flashmemory.indexer.checkpoint import DEFAULT_DIR, CheckpointError, read_meta, shipped_dir
-from flashmemory.models.loader import EMBEDDED_MODELS
 from flashmemory.policies import make_policy
 from flashmemory.runtime.engine import PromptError
+from gemma_parts import GEMMA, needs_gemma
 
-GEMMA = "gemma3-270m"
 BUDGET = 0.10
 KEY, VALUE = "velvet-orchard", "7394052"
 TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -31,9 +28,6 @@ TEMPLATE = ("Some special magic numbers are hidden within the following text. Ma
             "Question: What is the special magic number for {key} mentioned in the provided text?\n"
             "Answer: The special magic number for {key} is:")
 
-needs_gemma = pytest.mark.skipif(
-    any(importlib.util.find_spec(module) is None for module, _ in EMBEDDED_MODELS[GEMMA].parts),
-    reason="the Gemma-3-270m part packages are not installed")
 
 
 @pytest.fixture(scope="module")

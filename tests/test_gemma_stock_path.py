@@ -7,22 +7,16 @@ decode step. Needs the Gemma part packages (README, "Hybrid models"); skipped wi
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from flashmemory import LSAConfig, LSAEngine, load_backbone
-from flashmemory.models.loader import EMBEDDED_MODELS
-
+from gemma_parts import GEMMA, needs_gemma
 from tiny import hf_greedy
 
-GEMMA = "gemma3-270m"
 PROMPT_TOKENS = 2500
 NEW = 80  # more than one cycle of tau=64
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(module) is None for module, _ in EMBEDDED_MODELS[GEMMA].parts),
-    reason="the Gemma-3-270m part packages are not installed")
+pytestmark = needs_gemma
 
 
 @pytest.fixture(scope="module")
